@@ -1,0 +1,61 @@
+# gptbench: `make demo` (the CPU suite + report) and `make test` work on a machine with
+# nothing but Python and the package registries.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.gptbench-installed
+TORCH_CPU ?= 2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+GPTBENCH := $(PY) -m gptbench.cli
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: install test demo report bench-cpu bench-1gpu bench-all gpu-check diagnose clean \
+        $(foreach n,2 4,$(foreach s,dp tp pp full,bench-$(n)gpu-$(s)))
+
+install: $(STAMP)
+
+# torch first: a GPU machine keeps the CUDA torch it has (the venv sees the system's
+# packages there); elsewhere the tested CPU build, never an unpinned multi-GB CUDA one.
+# DeepSpeed is an sdist: build it against that torch, with no ops compiled ahead of time.
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(if $(HAS_GPU),--system-site-packages) $(VENV)
+	$(PIP) install setuptools wheel packaging numpy -c constraints.txt
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch$(if $(HAS_GPU),,==$(TORCH_CPU))
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation -c constraints.txt deepspeed
+	$(PIP) install -c constraints.txt -e ".[test]"
+	@touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(GPTBENCH) suite deepspeed_configs/demo-cpu.yaml
+
+report: install
+	$(GPTBENCH) report $(or $(DIR),reports/demo)
+
+bench-cpu: install
+	$(GPTBENCH) bench-cpu
+
+bench-1gpu: install
+	$(GPTBENCH) suite deepspeed_configs/suite-gpu.yaml --only 1gpu-dp
+
+bench-2gpu-%: install
+	$(GPTBENCH) suite deepspeed_configs/suite-gpu.yaml --resume --only 2gpu-$*
+
+bench-4gpu-%: install
+	$(GPTBENCH) suite deepspeed_configs/suite-gpu.yaml --resume --only 4gpu-$*
+
+bench-all: install
+	$(GPTBENCH) suite deepspeed_configs/suite-gpu.yaml
+
+diagnose: install
+	$(GPTBENCH) diagnose
+
+gpu-check: install
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) reports/*/ *.egg-info

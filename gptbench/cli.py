@@ -1,0 +1,164 @@
+"""`gptbench` command line. Bad input is one line on stderr and exit code 2, no traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gptbench.errors import UserError
+
+
+def _run(a) -> int:
+    from gptbench import launcher
+
+    record = launcher.run(a.config, a.set, ranks=a.ranks)
+    m = record.get("metrics") or {}
+    status = record["status"]
+    if status == "ok":
+        print(f"{record['run_id']}: {m['throughput_tokens_per_s']:.1f} tokens/s, "
+              f"parity {'passed' if (record.get('parity') or {}).get('passed') else 'not passed'}")
+    else:
+        print(f"{record['run_id']}: {status}: {record.get('error')}")
+    return 0 if status in ("ok", "not_applicable") else 1
+
+
+def _suite(a) -> int:
+    from gptbench import suite
+
+    return suite.run_suite(a.file, resume=a.resume, output_dir=a.output_dir, only=a.only,
+                           overrides=a.set)
+
+
+def _report(a) -> int:
+    from gptbench.report.render import render_report
+
+    written = render_report(a.dir, title=a.title)
+    for name, path in sorted(written.items()):
+        print(f"{name}: {path}")
+    return 0
+
+
+def _compare(a) -> int:
+    from gptbench.compare import compare, parse_fail_on
+
+    text, code = compare(a.base, a.candidate, [parse_fail_on(x) for x in a.fail_on])
+    print(text)
+    return code
+
+
+def _plan(a) -> int:
+    from gptbench.plan import format_plan, plan
+
+    rows = plan(a.model, a.gpus, a.gpu, a.batch_size, a.input_len, a.output_len, a.dtype)
+    print(format_plan(rows))
+    return 0
+
+
+def _datasets_make(a) -> int:
+    from gptbench import datasets
+
+    if a.prompts:
+        from gptbench.models import load_tokenizer
+
+        tok = load_tokenizer(a.tokenizer)
+        ids = datasets.make_samples(a.num_samples, a.input_len, len(tok), a.seed,
+                                    prompts=datasets.load_prompts(a.prompts), tokenizer=tok)
+    else:
+        ids = datasets.make_samples(a.num_samples, a.input_len, a.vocab_size, a.seed)
+    datasets.save_samples(a.out, ids)
+    print(f"{a.out}: {ids.shape[0]} samples x {ids.shape[1]} tokens")
+    return 0
+
+
+def _diagnose(a) -> int:
+    from gptbench.diagnose import diagnose
+
+    text, code = diagnose()
+    print(text)
+    return code
+
+
+def _bench_cpu(a) -> int:
+    from gptbench import benchcpu
+
+    return benchcpu.main(a.output_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptbench", description=(
+        "Benchmark GPT-2 generation under data, tensor, pipeline and hybrid parallelism "
+        "on DeepSpeed."))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="one configuration through the deepspeed launcher")
+    r.add_argument("--config", required=True)
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--ranks", type=int, help="ranks to start (default topology.world_size or 1)")
+    r.set_defaults(fn=_run)
+
+    s = sub.add_parser("suite", help="every configuration of a suite YAML, then the report")
+    s.add_argument("file")
+    s.add_argument("--resume", action="store_true", help="skip configurations already recorded")
+    s.add_argument("--output-dir", help="override the suite's output_dir")
+    s.add_argument("--only", action="append", help="run only these run ids")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every configuration")
+    s.set_defaults(fn=_suite)
+
+    rp = sub.add_parser("report", help="render report.html/report.md/summary.csv from records")
+    rp.add_argument("dir")
+    rp.add_argument("--title")
+    rp.set_defaults(fn=_report)
+
+    c = sub.add_parser("compare", help="per-configuration deltas between two result folders")
+    c.add_argument("base")
+    c.add_argument("candidate")
+    c.add_argument("--fail-on", action="append", default=[], metavar="METRIC:PCT")
+    c.set_defaults(fn=_compare)
+
+    pl = sub.add_parser("plan", help="predicted memory and roofline bounds per strategy")
+    pl.add_argument("--model", default="gpt2-xl")
+    pl.add_argument("--gpus", type=int, default=1)
+    pl.add_argument("--gpu", default="rtx3080")
+    pl.add_argument("--batch-size", type=int, default=4)
+    pl.add_argument("--input-len", type=int, default=256)
+    pl.add_argument("--output-len", type=int, default=64)
+    pl.add_argument("--dtype", default="float16")
+    pl.set_defaults(fn=_plan)
+
+    d = sub.add_parser("datasets", help="benchmark datasets")
+    dsub = d.add_subparsers(dest="datasets_command", required=True)
+    dm = dsub.add_parser("make", help="N samples of exactly L input tokens, as JSONL")
+    dm.add_argument("--out", required=True)
+    dm.add_argument("--num-samples", type=int, default=80)
+    dm.add_argument("--input-len", type=int, default=256)
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--vocab-size", type=int, default=50257, help="for synthetic ids")
+    dm.add_argument("--prompts", help="tile these JSONL prompts instead of synthetic ids")
+    dm.add_argument("--tokenizer", default="gpt2", help="tokenizer name or local path")
+    dm.set_defaults(fn=_datasets_make)
+
+    dg = sub.add_parser("diagnose", help="GPUs, drivers, CUDA/NCCL, topology, DeepSpeed ops")
+    dg.set_defaults(fn=_diagnose)
+
+    b = sub.add_parser("bench-cpu", help="harness overhead and 2-rank scaling on CPU")
+    b.add_argument("--output-dir", default="reports/bench-cpu")
+    b.set_defaults(fn=_bench_cpu)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"gptbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Benchmark config: YAML read in one place into frozen dataclasses.
+
+Precedence: dataclass defaults < YAML file < `--set key=value` (dotted names, the run
+record's vocabulary). Every error is a `UserError` naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from gptbench.errors import UserError
+
+STRATEGIES = ("pure_data_parallel", "tensor_data_hybrid", "pipeline_data_hybrid",
+              "full_model_parallel")
+ALIASES = {"dp": "pure_data_parallel", "tp": "tensor_data_hybrid",
+           "pp": "pipeline_data_hybrid", "full": "full_model_parallel"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHTS = ("pretrained", "random")
+DEVICES = ("auto", "cpu", "cuda")
+PARTITION_METHODS = ("parameters", "uniform")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "gpt2-xl"
+    weights: str = "pretrained"
+    preset: typing.Optional[str] = None
+    tie_embeddings: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    world_size: typing.Optional[int] = None  # None: as many ranks as the launcher started
+    tp: typing.Optional[int] = None          # None: the strategy's default (DESIGN.md)
+    pp: typing.Optional[int] = None
+    micro_batches: typing.Optional[int] = None  # None: pp, enough to fill the pipeline
+    partition_method: str = "parameters"
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    batch_size: int = 4
+    input_len: int = 256
+    output_len: int = 64
+    num_samples: int = 20  # per data-parallel replica (weak scaling)
+    iterations: int = 3
+    warmup: int = 1        # untimed batches before the timed iterations
+    dataset: typing.Optional[str] = None  # None: seeded synthetic token ids
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    enabled: bool = True
+    samples: int = 2
+    tokens: int = 4
+    tolerance: typing.Optional[float] = None  # None: by dtype (parity.py)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"
+    kernel_inject: bool = False
+    cuda_graph: bool = False
+    threads: typing.Optional[int] = None  # torch threads per rank; None: cores / local ranks
+    pipe_partitioned: bool = False
+    comm_timeout_s: float = 120.0
+    profile_comm: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    strategy: str = "pure_data_parallel"
+    run_id: typing.Optional[str] = None
+    output_dir: str = "reports/latest"
+    timeout_s: float = 1800.0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+CHOICES = {
+    "strategy": STRATEGIES, "model.weights": WEIGHTS, "workload.dtype": DTYPES,
+    "engine.device": DEVICES, "topology.partition_method": PARTITION_METHODS,
+}
+POSITIVE = {"topology.world_size", "topology.tp", "topology.pp", "topology.micro_batches",
+            "workload.batch_size", "workload.input_len", "workload.output_len",
+            "workload.num_samples", "workload.iterations", "parity.samples", "parity.tokens",
+            "engine.threads", "timeout_s", "engine.comm_timeout_s"}
+
+
+def _coerce(key: str, value, hint):
+    """`value` checked against the annotation `hint`; bools are not ints, ints are floats."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise UserError(f"{key}: expected {hint.__name__}{' or null' if optional else ''}, "
+                        f"got {type(value).__name__} {value!r}")
+    return float(value) if hint is float else value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown config key '{prefix}{unknown[0]}' "
+                        f"(allowed: {', '.join(prefix + n for n in sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, hint)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["a.b=3", "strategy=tp"]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got '{pair}'")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    data = read_yaml(path) if path else {}
+    return config_from_dict(_merge(data, parse_overrides(list(overrides))))
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    data = dict(data)
+    if isinstance(data.get("strategy"), str):
+        data["strategy"] = ALIASES.get(data["strategy"], data["strategy"])
+    cfg = _build(RunConfig, data)
+    _check_values(cfg)
+    return cfg
+
+
+def flat(cfg) -> dict:
+    """{"workload.batch_size": 4, ...}: the dotted view used for messages and choices."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update({f"{f.name}.{k}": v for k, v in flat(value).items()})
+        else:
+            out[f.name] = value
+    return out
+
+
+def _check_values(cfg: RunConfig) -> None:
+    values = flat(cfg)
+    for key, allowed in CHOICES.items():
+        if values[key] not in allowed:
+            raise UserError(f"{key}: '{values[key]}' is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if values[key] is not None and values[key] <= 0:
+            raise UserError(f"{key}: must be positive, got {values[key]}")
+    if cfg.workload.warmup < 0:
+        raise UserError(f"workload.warmup: must be >= 0, got {cfg.workload.warmup}")
+    from gptbench.models import PRESETS
+    if cfg.model.preset is not None and cfg.model.preset not in PRESETS:
+        raise UserError(f"model.preset: '{cfg.model.preset}' is not one of {', '.join(PRESETS)}")
+    if cfg.model.preset is not None and cfg.model.weights == "pretrained":
+        raise UserError("model.preset needs model.weights: random (presets have no checkpoint)")
+    w = cfg.workload
+    if w.num_samples % w.batch_size:
+        raise UserError(f"workload.num_samples ({w.num_samples}) must be a multiple of "
+                        f"workload.batch_size ({w.batch_size}): batches are never padded")
+    if cfg.parity.samples > w.batch_size:
+        raise UserError(f"parity.samples ({cfg.parity.samples}) must be <= workload.batch_size "
+                        f"({w.batch_size})")
+    if cfg.parity.tokens > w.output_len:
+        raise UserError(f"parity.tokens ({cfg.parity.tokens}) must be <= workload.output_len "
+                        f"({w.output_len})")
+    if w.dataset is not None and not os.path.isfile(w.dataset):
+        raise UserError(f"workload.dataset: file not found: {w.dataset}")
+    if cfg.run_id is not None and not all(c.isalnum() or c in "-_." for c in cfg.run_id):
+        raise UserError(f"run_id: '{cfg.run_id}' may hold only letters, digits, '-', '_', '.'")

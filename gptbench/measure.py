@@ -1,0 +1,101 @@
+"""One rank's measurements: parity probe, timed iterations, then one profiled batch.
+
+Communication is timed on a separate profiled batch after the timed iterations: its
+wrappers synchronise the device around every collective, which would perturb the timed
+numbers on a GPU. The pipeline's per-stage busy time is taken on that same batch.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from gptbench import parity, runner
+from gptbench.trackers.comm import CommTracker
+from gptbench.trackers.gpu_util import GpuUtilSampler
+from gptbench.trackers.memory import MemoryTracker
+from gptbench.trackers.timing import synchronize
+
+
+def reference(model, probe: torch.Tensor, cfg):
+    return parity.reference(model, probe, cfg.parity.tokens)
+
+
+def _barrier():
+    torch.distributed.barrier()
+
+
+def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) -> dict:
+    cfg, device = plan.cfg, plan.device
+    sync = lambda: synchronize(device)  # noqa: E731
+    out: dict = {"rank": rank, "coords": list(plan.grid.coords(rank)), "parity": None}
+
+    with torch.no_grad():
+        if cfg.parity.enabled:
+            tokens, logits, _ = runner.generate_batch(gen, probe, cfg.parity.tokens)
+            if ref is not None:
+                out["parity"] = parity.compare(ref[0], ref[1], tokens, logits, plan.dtype,
+                                               cfg.parity.tolerance)
+
+        memory = MemoryTracker(device)
+        sampler = GpuUtilSampler(device.index or 0)
+        memory.reset()
+        sampler.start()
+        timing = runner.run_timed(gen, batches, cfg.workload.output_len,
+                                  cfg.workload.iterations, cfg.workload.warmup,
+                                  barrier=_barrier, sync=sync, hook=inject)
+        sampler.stop()
+        memory.stop()
+
+        out.update(
+            ttft_s=[b.ttft_s for b in timing.batches],
+            tpot_s=[x for b in timing.batches for x in b.tpot_s],
+            e2e_s=[b.e2e_s for b in timing.batches],
+            iteration_wall_s=timing.iteration_wall_s,
+            iteration_tokens=timing.iteration_tokens,
+            timed_wall_s=timing.timed_wall_s,
+            generated_tokens=timing.generated_tokens,
+            decode_input_lens=sorted(timing.decode_input_lens),
+            peak_memory_bytes=memory.peak_bytes(),
+            peak_reserved_bytes=memory.peak_reserved_bytes(),
+            memory_kind=memory.kind,
+        )
+        out["gpu_util_pct"], out["gpu_util_reason"] = sampler.result()
+        if cfg.engine.profile_comm:
+            out.update(_profile(gen, batches[0], cfg.workload.output_len, device, info))
+    return out
+
+
+def _profile(gen, ids, output_len: int, device, info: dict) -> dict:
+    state = info.get("pipe_state")
+    _barrier()
+    if state is not None:
+        state.busy_s, state.profile = 0.0, True
+    with CommTracker(device) as comm:
+        synchronize(device)
+        start = time.perf_counter()
+        runner.generate_batch(gen, ids, output_len)
+        synchronize(device)
+        wall_s = time.perf_counter() - start
+    if state is not None:
+        state.profile = False
+    return {"comm_s": comm.seconds_total, "comm_by_op": {k: vars(v) for k, v in comm.by_op.items()},
+            "profile_wall_s": wall_s, "busy_s": state.busy_s if state is not None else None}
+
+
+def roofline(plan, metrics: dict, env: dict):
+    """The record's `metrics.roofline` block and, where a figure is null, why."""
+    from gptbench import roofline as rl
+
+    w, g = plan.cfg.workload, plan.grid
+    workload = {"dtype": str(plan.dtype).replace("torch.", ""), "batch_size": w.batch_size,
+                "input_len": w.input_len, "output_len": w.output_len}
+    device_name = env.get("device_name") if env.get("device") == "cuda" else None
+    block = rl.roofline_block(plan.model_dims, workload, device_name, metrics["tpot_ms"]["p50"],
+                              # one rank holds 1/tp of its stage's weights, 1/pp of the layers
+                              1.0 / (g.tp * g.pp), dp=g.dp, pp=g.pp,
+                              micro_batches=plan.micro_batches)
+    reason = block.pop("reason", None)
+    if device_name is None:
+        reason = f"{env.get('device_name') or 'this CPU'}: no known peak memory bandwidth"
+    return block, reason

@@ -1,0 +1,194 @@
+"""Charts of a suite. Each chart is a pure function of the run records that returns a
+matplotlib Figure, or None when no finished run has its data: the report then neither
+writes nor mentions it. Runs that are not ok are left out of every chart."""
+
+import io
+import math
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from gptbench.report.load import STRATEGY_ORDER, value_at
+
+GIB_BYTES = 1024**3
+
+
+def finished_with(records: list[dict], *paths: str) -> list[dict]:
+    """The ok runs that have a value at every dotted path."""
+    return [r for r in records if r["status"] == "ok" and all(value_at(r, p) is not None for p in paths)]
+
+
+def new_figure(width_in: float = 9.0, height_in: float = 4.0) -> Figure:
+    # A bare Figure on the Agg canvas, not pyplot: no global figure state, no display needed.
+    figure = Figure(figsize=(width_in, height_in), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def grouped_bars(ax, labels: list[str], series: dict[str, list]) -> None:
+    """One group of bars per label, one bar per series; a None value leaves a gap."""
+    width = 0.8 / len(series)
+    for index, (name, values) in enumerate(series.items()):
+        offsets = [i - 0.4 + width * (index + 0.5) for i in range(len(labels))]
+        heights = [math.nan if v is None else v for v in values]
+        ax.bar(offsets, heights, width, label=name)
+    label_configurations(ax, labels)
+
+
+def legend_outside(ax) -> None:
+    # Beside the axes, not inside: bars of any height stay visible.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def label_configurations(ax, labels: list[str]) -> None:
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def throughput_chart(records: list[dict]) -> Figure | None:
+    runs = finished_with(records, "metrics.throughput_tokens_per_s")
+    if not runs:
+        return None
+    ax = new_figure().add_subplot()
+    ax.bar(range(len(runs)), [r["metrics"]["throughput_tokens_per_s"] for r in runs])
+    label_configurations(ax, [r["run_id"] for r in runs])
+    ax.set_ylabel("generated tokens/s, all replicas")
+    ax.set_title("Throughput by configuration")
+    return ax.figure
+
+
+def speedup_chart(records: list[dict]) -> Figure | None:
+    runs = finished_with(records, "metrics.speedup", "topology.world_size")
+    if not runs:
+        return None
+    ax = new_figure(7.0, 4.5).add_subplot()
+    ranks = sorted({1} | {r["topology"]["world_size"] for r in runs})
+    ax.plot(ranks, ranks, "k--", label="ideal (speedup = ranks)")
+    for strategy in sorted({r["strategy"] for r in runs}, key=strategy_sort_key):
+        points = sorted((r["topology"]["world_size"], r["metrics"]["speedup"]) for r in runs if r["strategy"] == strategy)
+        ax.plot(*zip(*points), marker="o", label=strategy)
+    ax.set_xticks(ranks)
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("speedup over the baseline run")
+    ax.set_title("Speedup vs ideal")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax.figure
+
+
+def strategy_sort_key(strategy: str) -> int:
+    return STRATEGY_ORDER.index(strategy) if strategy in STRATEGY_ORDER else len(STRATEGY_ORDER)
+
+
+def efficiency_chart(records: list[dict]) -> Figure | None:
+    runs = finished_with(records, "metrics.parallel_efficiency")
+    if not runs:
+        return None
+    ax = new_figure().add_subplot()
+    ax.bar(range(len(runs)), [100 * r["metrics"]["parallel_efficiency"] for r in runs])
+    ax.axhline(100, color="k", linestyle="--", label="ideal")
+    label_configurations(ax, [r["run_id"] for r in runs])
+    ax.set_ylabel("parallel efficiency, % (speedup / ranks)")
+    ax.set_title("Parallel efficiency")
+    ax.legend()
+    return ax.figure
+
+
+def latency_chart(records: list[dict]) -> Figure | None:
+    runs = finished_with(records, "metrics.ttft_ms", "metrics.tpot_ms")
+    if not runs:
+        return None
+    figure = new_figure(11.0, 4.5)
+    labels = [r["run_id"] for r in runs]
+    axes = figure.subplots(1, 2)
+    for ax, metric, title in zip(axes, ("ttft_ms", "tpot_ms"), ("Time to first token", "Time per output token")):
+        grouped_bars(ax, labels, {q: [r["metrics"][metric].get(q) for r in runs] for q in ("p50", "p90", "p99")})
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+    legend_outside(axes[1])
+    return figure
+
+
+def memory_chart(records: list[dict]) -> Figure | None:
+    runs = [r for r in finished_with(records, "metrics.peak_memory_bytes.per_rank") if r["metrics"]["peak_memory_bytes"]["per_rank"]]
+    if not runs:
+        return None
+    ax = new_figure().add_subplot()
+    labelled_ranks = set()
+    for i, run in enumerate(runs):
+        per_rank = run["metrics"]["peak_memory_bytes"]["per_rank"]
+        width = 0.8 / len(per_rank)
+        for rank, peak_bytes in enumerate(per_rank):
+            label = None if rank in labelled_ranks else f"rank {rank}"
+            labelled_ranks.add(rank)
+            height = math.nan if peak_bytes is None else peak_bytes / GIB_BYTES
+            ax.bar(i - 0.4 + width * (rank + 0.5), height, width, color=f"C{rank}", label=label)
+    label_configurations(ax, [r["run_id"] for r in runs])
+    kinds = sorted({str(r["metrics"]["peak_memory_bytes"].get("kind")) for r in runs})
+    ax.set_ylabel(f"peak GiB ({', '.join(kinds)})")
+    ax.set_title("Peak memory per rank")
+    legend_outside(ax)
+    return ax.figure
+
+
+def overhead_chart(records: list[dict]) -> Figure | None:
+    runs = [r for r in finished_with(records) if value_at(r, "metrics.comm_fraction") is not None
+            or value_at(r, "metrics.bubble_fraction.measured") is not None]
+    if not runs:
+        return None
+    ax = new_figure().add_subplot()
+    percent = {path: [None if value_at(r, path) is None else 100 * value_at(r, path) for r in runs]
+               for path in ("metrics.comm_fraction", "metrics.bubble_fraction.measured", "metrics.bubble_fraction.theory")}
+    grouped_bars(ax, [r["run_id"] for r in runs], {
+        "communication": percent["metrics.comm_fraction"],
+        "pipeline bubble (measured)": percent["metrics.bubble_fraction.measured"],
+    })
+    theory = [(i + 0.2, p) for i, p in enumerate(percent["metrics.bubble_fraction.theory"]) if p is not None]
+    if theory:
+        ax.scatter(*zip(*theory), marker="_", s=300, color="k", label="bubble theory (p-1)/(m+p-1)")
+    ax.set_ylabel("% of the timed region")
+    ax.set_title("Communication and pipeline bubble share")
+    legend_outside(ax)
+    return ax.figure
+
+
+def roofline_chart(records: list[dict]) -> Figure | None:
+    runs = finished_with(records, "metrics.throughput_tokens_per_s", "metrics.roofline.predicted_tokens_per_s")
+    if not runs:
+        return None
+    ax = new_figure().add_subplot()
+    grouped_bars(ax, [r["run_id"] for r in runs], {
+        "measured": [r["metrics"]["throughput_tokens_per_s"] for r in runs],
+        "roofline bound (memory bandwidth)": [r["metrics"]["roofline"]["predicted_tokens_per_s"] for r in runs],
+    })
+    # Log scale: the bound is often 10-30x the measurement, and both must stay readable.
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("Measured vs roofline-predicted throughput")
+    legend_outside(ax)
+    return ax.figure
+
+
+# file name -> (caption, chart); the report shows them in this order.
+CHARTS = {
+    "throughput.png": ("Throughput by configuration", throughput_chart),
+    "speedup.png": ("Speedup vs ideal (dashed: speedup = number of ranks)", speedup_chart),
+    "efficiency.png": ("Parallel efficiency", efficiency_chart),
+    "latency.png": ("Latency percentiles: TTFT and TPOT p50/p90/p99", latency_chart),
+    "memory.png": ("Peak memory per rank", memory_chart),
+    "overhead.png": ("Communication share and pipeline bubble share", overhead_chart),
+    "roofline.png": ("Measured vs roofline-predicted throughput", roofline_chart),
+}
+
+
+def chart_pngs(records: list[dict]) -> dict[str, bytes]:
+    """PNG bytes by file name, for the charts that have data."""
+    pngs = {}
+    for file_name, (_, chart) in CHARTS.items():
+        figure = chart(records)
+        if figure is not None:
+            buffer = io.BytesIO()
+            # No "Software" metadata: the same records give byte-identical PNGs.
+            figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+            pngs[file_name] = buffer.getvalue()
+    return pngs

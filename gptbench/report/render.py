@@ -1,0 +1,192 @@
+"""Write a suite's report from its run records: summary.csv, report.md, report.html (one
+self-contained file: inline CSS, charts as base64 data URIs) and the chart PNGs beside them.
+Every number is formatted here; the templates only place prepared strings."""
+
+import base64
+import csv
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from gptbench.report.charts import CHARTS, chart_pngs
+from gptbench.report.findings import findings
+from gptbench.report.load import load_runs, value_at
+
+MISSING = "—"  # what any null renders as; the record's null_reasons say why (notes section)
+GIB_BYTES = 1024**3
+SETUP_SECTIONS = ("model", "workload", "engine")
+
+# summary.csv column -> dotted path in the run record; one row per run, raw values.
+SUMMARY_COLUMNS = {
+    "run_id": "run_id", "status": "status", "strategy": "strategy",
+    "world_size": "topology.world_size", "dp": "topology.dp", "tp": "topology.tp", "pp": "topology.pp",
+    "micro_batches": "topology.micro_batches",
+    "throughput_tokens_per_s": "metrics.throughput_tokens_per_s", "speedup": "metrics.speedup",
+    "parallel_efficiency": "metrics.parallel_efficiency",
+    "ttft_ms_p50": "metrics.ttft_ms.p50", "ttft_ms_p99": "metrics.ttft_ms.p99",
+    "tpot_ms_p50": "metrics.tpot_ms.p50", "tpot_ms_p99": "metrics.tpot_ms.p99",
+    "e2e_ms_mean": "metrics.e2e_ms.mean", "peak_memory_bytes_max": "metrics.peak_memory_bytes.max",
+    "gpu_utilization_pct_mean": "metrics.gpu_utilization_pct.mean", "comm_fraction": "metrics.comm_fraction",
+    "bubble_fraction": "metrics.bubble_fraction.measured",
+    "roofline_fraction_of_peak": "metrics.roofline.fraction_of_peak",
+    "tokens_match": "parity.tokens_match", "max_abs_logit_diff": "parity.max_abs_logit_diff", "error": "error",
+}
+
+
+def render_report(suite_dir, title: str | None = None) -> dict[str, Path]:
+    """Render suite_dir/runs/*.json into suite_dir; {file name: path} of what was written."""
+    suite_dir = Path(suite_dir)
+    records, skipped = load_runs(suite_dir)
+    written = {"summary.csv": write_summary_csv(records, suite_dir / "summary.csv")}
+    pngs = chart_pngs(records)
+    for file_name in CHARTS:
+        path = suite_dir / file_name
+        if file_name in pngs:
+            path.write_bytes(pngs[file_name])
+            written[file_name] = path
+        else:
+            # Left by an earlier render whose data is gone; the report no longer shows it.
+            path.unlink(missing_ok=True)
+    context = report_context(records, skipped, pngs, title or f"gptbench report: {suite_dir.resolve().name}")
+    templates = template_environment()
+    for file_name in ("report.md", "report.html"):
+        path = suite_dir / file_name
+        path.write_text(templates.get_template(f"{file_name}.j2").render(context), encoding="utf-8")
+        written[file_name] = path
+    return written
+
+
+def write_summary_csv(records: list[dict], path: Path) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=list(SUMMARY_COLUMNS))
+        writer.writeheader()
+        for record in records:
+            writer.writerow({column: csv_value(value_at(record, dotted)) for column, dotted in SUMMARY_COLUMNS.items()})
+    return path
+
+
+def csv_value(value):
+    return "" if value is None else value
+
+
+def report_context(records: list[dict], skipped: list, pngs: dict[str, bytes], title: str) -> dict:
+    return {
+        "title": title,
+        "status_counts": status_counts(records),
+        "rows": [table_row(r) for r in records],
+        "findings": findings(records),
+        "charts": [{"file": name, "caption": CHARTS[name][0],
+                    "data_uri": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
+                   for name, png in pngs.items()],
+        "setup": [row for section in SETUP_SECTIONS for row in distinct_values(records, section, prefix=f"{section}.")],
+        "environment": distinct_values(records, "env"),
+        "notes": [{"run_id": r["run_id"], "field": field, "reason": reason}
+                  for r in records for field, reason in (r.get("null_reasons") or {}).items()],
+        "skipped": [{"file": path.name, "reason": reason} for path, reason in skipped],
+    }
+
+
+def status_counts(records: list[dict]) -> str:
+    counts = {}
+    for record in records:
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    return ", ".join(f"{count} {status}" for status, count in counts.items()) or "no runs"
+
+
+def table_row(record: dict) -> dict:
+    """The report's cells for one run, formatted; a null metric is MISSING."""
+    def at(path):
+        return value_at(record, path)
+
+    return {
+        "run_id": record["run_id"],
+        "strategy": record.get("strategy") or MISSING,
+        "ranks": fmt(at("topology.world_size"), "d"),
+        "grid": grid_text(record),
+        "ok": record["status"] == "ok",
+        "status": record["status"],
+        "status_text": status_text(record),
+        "error": record.get("error") or MISSING,
+        "throughput": fmt(at("metrics.throughput_tokens_per_s"), ".1f"),
+        "speedup": fmt(at("metrics.speedup"), ".2f", "x"),
+        "efficiency": fmt(at("metrics.parallel_efficiency"), ".1%"),
+        "e2e_mean_ms": fmt(at("metrics.e2e_ms.mean"), ".1f"),
+        "gpu_util": fmt(at("metrics.gpu_utilization_pct.mean"), ".1f", "%"),
+        "ttft_p50_ms": fmt(at("metrics.ttft_ms.p50"), ".1f"),
+        "ttft_p99_ms": fmt(at("metrics.ttft_ms.p99"), ".1f"),
+        "tpot_p50_ms": fmt(at("metrics.tpot_ms.p50"), ".1f"),
+        "tpot_p99_ms": fmt(at("metrics.tpot_ms.p99"), ".1f"),
+        "memory_per_rank": memory_text(at("metrics.peak_memory_bytes.per_rank")),
+        "comm": fmt(at("metrics.comm_fraction"), ".1%"),
+        "bubble": bubble_text(at("metrics.bubble_fraction.measured"), at("metrics.bubble_fraction.theory")),
+        "roofline": fmt(at("metrics.roofline.fraction_of_peak"), ".1%"),
+        "parity": parity_text(record.get("parity")),
+    }
+
+
+def fmt(value, spec: str, suffix: str = "") -> str:
+    return MISSING if value is None else f"{value:{spec}}{suffix}"
+
+
+def grid_text(record: dict) -> str:
+    topology = record.get("topology") or {}
+    if any(topology.get(axis) is None for axis in ("dp", "tp", "pp")):
+        return MISSING
+    grid = f"dp{topology['dp']} tp{topology['tp']} pp{topology['pp']}"
+    return grid + (f" m{topology['micro_batches']}" if topology["pp"] > 1 else "")
+
+
+def status_text(record: dict) -> str:
+    if record["status"] == "ok":
+        return "ok"
+    rank = "" if record.get("failed_rank") is None else f" (rank {record['failed_rank']})"
+    return f"{record['status']}{rank}: {record.get('error') or 'no error recorded'}"
+
+
+def memory_text(per_rank_bytes) -> str:
+    if not per_rank_bytes or all(b is None for b in per_rank_bytes):
+        return MISSING
+    return " / ".join(fmt(None if b is None else b / GIB_BYTES, ".2f") for b in per_rank_bytes) + " GiB"
+
+
+def bubble_text(measured, theory) -> str:
+    if measured is None:
+        return MISSING
+    return f"{measured:.1%}" + ("" if theory is None else f" (theory {theory:.1%})")
+
+
+def parity_text(parity: dict | None) -> str:
+    if not parity or parity.get("tokens_match") is None:
+        return MISSING
+    diff, tolerance = parity.get("max_abs_logit_diff"), parity.get("tolerance")
+    logits = "" if diff is None else f", max |Δlogit| {diff:.2g}" + ("" if tolerance is None else f" (tol {tolerance:g})")
+    if parity["tokens_match"]:
+        return "tokens match" + logits
+    rate = parity.get("token_match_rate")
+    return "TOKENS DIFFER" + ("" if rate is None else f" ({rate:.2%} match)") + logits
+
+
+def distinct_values(records: list[dict], section: str, prefix: str = "") -> list[dict]:
+    """[{key, value}] for every key of records[*][section]; differing values are joined."""
+    sections = [r[section] for r in records if isinstance(r.get(section), dict)]
+    keys = dict.fromkeys(key for s in sections for key in s)
+    return [{"key": prefix + key, "value": ", ".join(sorted({display(s.get(key)) for s in sections}))} for key in keys]
+
+
+def display(value) -> str:
+    return MISSING if value is None else str(value)
+
+
+def md_cell(text: str) -> str:
+    """Escape what would break a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def template_environment() -> Environment:
+    environment = Environment(
+        loader=FileSystemLoader(Path(__file__).parent / "templates"),
+        autoescape=select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
+    environment.filters["md_cell"] = md_cell
+    return environment

@@ -1,0 +1,165 @@
+"""Everything about a run that can be decided before any process group exists.
+
+`resolve` turns a config and a world size into a `RunPlan` (grid, device, dtype, micro-
+batches, model dimensions) and raises `UserError` / `NotApplicable` for whatever cannot
+work, so `gptbench run` and the suite can refuse bad input before starting a process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from gptbench.config import RunConfig
+from gptbench.errors import UserError
+from gptbench.topology import Grid, check_against_model, make_grid
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: RunConfig
+    grid: Grid
+    run_id: str
+    device: torch.device
+    dtype: torch.dtype
+    micro_batches: int
+    threads: int
+    model_dims: dict  # name, weights, preset, n_layer, n_head, n_embd, vocab_size, n_positions
+
+    def load_model(self):
+        from gptbench.models import load_model
+
+        m = self.cfg.model
+        return load_model(m.name, m.weights, m.preset, self.dtype, self.device, m.seed,
+                          m.tie_embeddings)
+
+    def batches(self, rank: int) -> list[torch.Tensor]:
+        """This rank's replica's disjoint shard of the samples, in batches (on device)."""
+        w = self.cfg.workload
+        samples = workload_samples(self.cfg, self.model_dims["vocab_size"], self.grid.dp)
+        _, replica, _ = self.grid.coords(rank)
+        shard = samples[replica * w.num_samples:(replica + 1) * w.num_samples]
+        return [b.to(self.device) for b in shard.split(w.batch_size)]
+
+
+def _holds_token_ids(path: str) -> bool:
+    """A samples file (`{"input_ids": [...]}` lines) rather than prompts to tokenize."""
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    return '"input_ids"' in first
+
+
+def workload_samples(cfg: RunConfig, vocab_size: int, dp: int) -> torch.Tensor:
+    """(dp * num_samples, input_len) token ids, the same on every rank (seeded)."""
+    from gptbench import datasets
+
+    w = cfg.workload
+    total = dp * w.num_samples
+    if w.dataset is None:
+        return datasets.make_samples(total, w.input_len, vocab_size, cfg.model.seed)
+    if _holds_token_ids(w.dataset):
+        ids = datasets.load_samples(w.dataset)
+        if ids.shape[0] < total or ids.shape[1] < w.input_len:
+            raise UserError(f"workload.dataset: {w.dataset} holds {ids.shape[0]} samples of "
+                            f"{ids.shape[1]} tokens; this run needs {total} of {w.input_len}")
+        if int(ids.max()) >= vocab_size:
+            raise UserError(f"workload.dataset: {w.dataset} has token ids >= the model's "
+                            f"vocabulary ({vocab_size})")
+        return ids[:total, :w.input_len]
+    from gptbench.models import load_tokenizer
+
+    prompts = datasets.load_prompts(w.dataset)
+    return datasets.make_samples(total, w.input_len, vocab_size, cfg.model.seed,
+                                 prompts=prompts, tokenizer=load_tokenizer(cfg.model.name))
+
+
+def run_id_for(cfg: RunConfig, world_size: int) -> str:
+    if cfg.run_id:
+        return cfg.run_id
+    from gptbench.results import default_run_id
+
+    t = cfg.topology
+    try:
+        grid = make_grid(cfg.strategy, world_size, t.tp, t.pp)
+        return default_run_id(cfg.strategy, world_size, grid.tp, grid.pp)
+    except UserError:
+        return default_run_id(cfg.strategy, world_size, t.tp or 2, t.pp or 2)
+
+
+def model_dims(cfg: RunConfig) -> dict:
+    from gptbench.models import gpt2_config
+
+    try:
+        c = gpt2_config(cfg.model.name, cfg.model.preset, cfg.model.tie_embeddings)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name: cannot read the config of '{cfg.model.name}' "
+                        f"({str(e).splitlines()[0]})") from None
+    return {"name": cfg.model.name, "weights": cfg.model.weights, "preset": cfg.model.preset,
+            "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+            "vocab_size": c.vocab_size, "n_positions": c.n_positions,
+            "tied_embeddings": bool(c.tie_word_embeddings)}
+
+
+def select_device(cfg: RunConfig, local_rank: int) -> torch.device:
+    want = cfg.engine.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("engine.device: cuda requested but torch sees no CUDA device")
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise UserError(f"engine.device: local rank {local_rank} has no GPU "
+                            f"({count} visible; check CUDA_VISIBLE_DEVICES)")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def select_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    name = cfg.workload.dtype
+    if name == "auto":
+        name = "float16" if device.type == "cuda" else "float32"
+    if name == "float16" and device.type == "cpu":
+        raise UserError("workload.dtype: float16 is refused by DeepSpeed's CPU accelerator; "
+                        "use float32 or bfloat16 on CPU")
+    return DTYPES[name]
+
+
+def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
+            local_size: int | None = None) -> RunPlan:
+    t, w, e = cfg.topology, cfg.workload, cfg.engine
+    if t.world_size is not None and t.world_size != world_size:
+        raise UserError(f"topology.world_size={t.world_size} but {world_size} ranks were started")
+    grid = make_grid(cfg.strategy, world_size, t.tp, t.pp)
+    dims = model_dims(cfg)
+    check_against_model(grid, dims["n_head"], dims["n_layer"])
+    if w.input_len + w.output_len > dims["n_positions"]:
+        raise UserError(f"workload.input_len + workload.output_len = {w.input_len + w.output_len} "
+                        f"exceeds the model's {dims['n_positions']} positions")
+    if grid.pp == 1 and t.micro_batches not in (None, 1):
+        raise UserError(f"topology.micro_batches={t.micro_batches} applies to pipelines only "
+                        f"({cfg.strategy} has pp=1)")
+    m = t.micro_batches or (min(grid.pp, w.batch_size) if grid.pp > 1 else 1)
+    if w.batch_size % m:
+        raise UserError(f"workload.batch_size={w.batch_size} is not divisible by "
+                        f"topology.micro_batches={m}")
+    if e.kernel_inject and dims["n_head"] % grid.tp:
+        raise UserError(f"engine.kernel_inject: DeepSpeed's fused kernels need n_head % tp == 0; "
+                        f"{dims['n_head']} heads do not split over tp={grid.tp}")
+    if e.cuda_graph and grid.tp > 1:
+        raise UserError(f"engine.cuda_graph: DeepSpeed refuses CUDA graphs with tp={grid.tp} > 1")
+    if e.cuda_graph and not e.kernel_inject:
+        raise UserError("engine.cuda_graph needs engine.kernel_inject: true")
+    if (e.kernel_inject or e.cuda_graph) and grid.pp > 1:
+        raise UserError("engine.kernel_inject/cuda_graph: not available inside a PipelineModule")
+    device = select_device(cfg, local_rank)
+    if (e.kernel_inject or e.cuda_graph) and device.type != "cuda":
+        raise UserError("engine.kernel_inject/cuda_graph: DeepSpeed's fused kernels are CUDA-only")
+    dtype = select_dtype(cfg, device)
+    local_size = local_size or world_size
+    threads = e.threads or max(1, (os.cpu_count() or 1) // local_size)
+    return RunPlan(cfg=cfg, grid=grid, run_id=run_id_for(cfg, world_size), device=device,
+                   dtype=dtype, micro_batches=m, threads=threads, model_dims=dims)

@@ -1,0 +1,17 @@
+"""tensor_data_hybrid: each replica of `tp` contiguous ranks shards every block with
+DeepSpeed AutoTP (attention heads and MLP columns split, `n_head` need not divide by tp)
+and all-reduces twice per block per step over its tensor-parallel group; replicas
+generate disjoint shards of the samples. Every rank of a replica returns the same tokens.
+"""
+from __future__ import annotations
+
+from gptbench.autotp import apply_tp, heads_per_rank
+from gptbench.strategies.base import CachedLM, RankContext
+
+
+def build(ctx: RankContext) -> CachedLM:
+    tp = ctx.grid.tp
+    engine = apply_tp(ctx.model, tp, ctx.tp_group, ctx.tp_ranks, ctx.dtype,
+                      kernel_inject=ctx.cfg.engine.kernel_inject)
+    ctx.info["heads_per_tp_rank"] = heads_per_rank(ctx.model.config.n_head, tp)
+    return CachedLM(engine, ctx.model.config)

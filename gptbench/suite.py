@@ -1,0 +1,188 @@
+"""A suite: every configuration as its own launcher process, then the report.
+
+Suite YAML:
+    title: ...
+    output_dir: reports/demo
+    base: tiny-cpu.yaml        # benchmark config every run starts from (relative path)
+    set: {workload.iterations: 3}   # overrides for every run
+    runs:
+      - {id: 1r-dp, ranks: 1, set: {strategy: pure_data_parallel}}
+
+Every configuration is validated before the first one starts. A failed, out-of-memory,
+timed-out or not-applicable configuration is recorded and the suite goes on. Ctrl-C or
+SIGTERM stops the run in flight (its partial record is removed) and keeps every finished
+record; `--resume` continues. Without `--resume`, earlier results in the output folder are
+moved aside to `<output_dir>.prev-<time>`, never overwritten.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from gptbench import launcher, results
+from gptbench.config import read_yaml
+from gptbench.errors import UserError
+
+SUITE_KEYS = {"title", "output_dir", "base", "set", "runs", "description"}
+RUN_KEYS = {"id", "ranks", "set"}
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    run_id: str
+    ranks: int
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Suite:
+    title: str
+    output_dir: str
+    base: str
+    runs: tuple[SuiteRun, ...]
+
+
+def _pairs(mapping, where: str) -> list[str]:
+    if mapping is None:
+        return []
+    if not isinstance(mapping, dict):
+        raise UserError(f"{where}: expected a mapping of key: value overrides")
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out += [f"{key}.{p}" for p in _pairs(value, where)]
+        else:
+            out.append(f"{key}={'null' if value is None else _yaml_scalar(value)}")
+    return out
+
+
+def _yaml_scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def load_suite(path: str, output_dir: str | None = None, only: list[str] | None = None,
+               overrides: list[str] = ()) -> Suite:
+    data = read_yaml(path)
+    unknown = sorted(set(data) - SUITE_KEYS)
+    if unknown:
+        raise UserError(f"{path}: unknown suite key '{unknown[0]}' (allowed: "
+                        f"{', '.join(sorted(SUITE_KEYS))})")
+    for key in ("base", "runs"):
+        if key not in data:
+            raise UserError(f"{path}: missing suite key '{key}'")
+    base = os.path.join(os.path.dirname(path), data["base"])
+    if not os.path.isfile(base):
+        raise UserError(f"{path}: base config not found: {base}")
+    out = output_dir or data.get("output_dir") or f"reports/{os.path.splitext(os.path.basename(path))[0]}"
+    common = _pairs(data.get("set"), f"{path}: set") + list(overrides)
+    if not isinstance(data["runs"], list) or not data["runs"]:
+        raise UserError(f"{path}: 'runs' must be a non-empty list")
+    runs, seen = [], set()
+    for i, item in enumerate(data["runs"]):
+        where = f"{path}: runs[{i}]"
+        if not isinstance(item, dict) or "id" not in item:
+            raise UserError(f"{where}: each run needs an 'id'")
+        bad = sorted(set(item) - RUN_KEYS)
+        if bad:
+            raise UserError(f"{where}: unknown key '{bad[0]}' (allowed: id, ranks, set)")
+        if item["id"] in seen:
+            raise UserError(f"{where}: duplicate id '{item['id']}'")
+        seen.add(item["id"])
+        ranks = item.get("ranks", 1)
+        if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+            raise UserError(f"{where}: ranks must be a positive integer, got {ranks!r}")
+        runs.append(SuiteRun(str(item["id"]), ranks, tuple(
+            common + _pairs(item.get("set"), where)
+            + [f"output_dir={out}", f"run_id={item['id']}"])))
+    if only:
+        missing = sorted(set(only) - seen)
+        if missing:
+            raise UserError(f"--only: no run '{missing[0]}' in {path} (runs: {', '.join(sorted(seen))})")
+        runs = [r for r in runs if r.run_id in only]
+    return Suite(str(data.get("title") or os.path.basename(path)), out, base, tuple(runs))
+
+
+def _set_aside(output_dir: str) -> str | None:
+    runs = os.path.join(output_dir, "runs")
+    if os.path.isdir(runs) and any(n.endswith(".json") for n in os.listdir(runs)):
+        aside = f"{output_dir.rstrip('/')}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(output_dir, aside)
+        return aside
+    return None
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
+              only: list[str] | None = None, overrides: list[str] = ()) -> int:
+    from tqdm import tqdm
+
+    suite = load_suite(path, output_dir, only, overrides)
+    for r in suite.runs:  # every configuration checked before anything starts
+        launcher.prepare(suite.base, list(r.overrides), r.ranks)
+    if not resume and not only:
+        aside = _set_aside(suite.output_dir)
+        if aside:
+            print(f"gptbench: earlier results in {suite.output_dir} moved to {aside}")
+    os.makedirs(os.path.join(suite.output_dir, "logs"), exist_ok=True)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    done = 0
+    bar = tqdm(suite.runs, desc=suite.title, unit="run", dynamic_ncols=True)
+    current = None
+    try:
+        for r in bar:
+            path_r = results.run_path(suite.output_dir, r.run_id)
+            if resume and results.read_record(path_r) is not None:
+                bar.write(f"{r.run_id}: already recorded, skipped")
+                continue
+            current = path_r
+            bar.set_postfix_str(f"{r.run_id} running")
+            record = launcher.run(suite.base, list(r.overrides), ranks=r.ranks,
+                                  log_path=os.path.join(suite.output_dir, "logs", f"{r.run_id}.log"))
+            current = None
+            done += 1
+            bar.write(_line(record))
+    except (KeyboardInterrupt, _Terminated):
+        bar.close()
+        if current and os.path.exists(current):
+            os.unlink(current)  # the interrupted run is rerun by --resume
+        print(f"gptbench: interrupted; finished records kept in {suite.output_dir}/runs; "
+              f"continue with: gptbench suite {path} --resume")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    bar.close()
+    _refresh_baselines(suite.output_dir)
+    from gptbench.report.render import render_report
+
+    written = render_report(suite.output_dir, title=suite.title)
+    print(f"gptbench: {done} run(s) this time; report: {written.get('html', suite.output_dir)}")
+    return 0
+
+
+def _line(record: dict) -> str:
+    if record["status"] == "ok":
+        m, p = record["metrics"], record.get("parity") or {}
+        return (f"{record['run_id']}: ok, {m['throughput_tokens_per_s']:.1f} tokens/s, "
+                f"parity {'passed' if p.get('passed') else 'NOT passed'}")
+    return f"{record['run_id']}: {record['status']}: {record.get('error')}"
+
+
+def _refresh_baselines(output_dir: str) -> None:
+    """Speedup needs the one-rank run, which may have been recorded after the others."""
+    runs_dir = os.path.join(output_dir, "runs")
+    records = results.load_records(runs_dir)
+    for record in records:
+        if record.get("status") == "ok" and record["metrics"].get("speedup") is None:
+            results.apply_baseline(record, records)
+            results.write_json_atomic(results.run_path(output_dir, record["run_id"]), record)

@@ -1,0 +1,92 @@
+"""One object turns (strategy, world size, requested degrees) into the grid dp x tp x pp.
+
+Rank layout follows DeepSpeed's topologies, so the groups here are the groups its engines
+use: `PipeDataParallelTopology` orders axes (pipe, data), `PipeModelDataParallelTopology`
+(pipe, data, model), and for the non-pipelined strategies tensor-parallel groups are runs
+of contiguous ranks: rank = (p * dp + d) * tp + t in every case.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptbench.errors import NotApplicable, UserError
+
+DEFAULT_DEGREE = 2  # DESIGN.md: tp=2 for tensor_data_hybrid, pp=2 for pipelines
+
+
+@dataclass(frozen=True)
+class Grid:
+    world_size: int
+    dp: int
+    tp: int
+    pp: int
+
+    def __post_init__(self):
+        if self.dp * self.tp * self.pp != self.world_size:
+            raise UserError(f"topology: dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = "
+                            f"{self.dp * self.tp * self.pp}, but world_size is {self.world_size}")
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pipe stage, data replica, tensor rank) of a global rank."""
+        return rank // (self.dp * self.tp), rank // self.tp % self.dp, rank % self.tp
+
+    def rank(self, p: int, d: int, t: int) -> int:
+        return (p * self.dp + d) * self.tp + t
+
+    def tp_groups(self) -> list[list[int]]:
+        return [[self.rank(p, d, t) for t in range(self.tp)]
+                for p in range(self.pp) for d in range(self.dp)]
+
+    def pp_groups(self) -> list[list[int]]:
+        return [[self.rank(p, d, t) for p in range(self.pp)]
+                for d in range(self.dp) for t in range(self.tp)]
+
+    def output_ranks(self) -> list[int]:
+        """One rank per replica whose tokens and logits stand for the replica."""
+        return [self.rank(self.pp - 1, d, 0) for d in range(self.dp)]
+
+
+def make_grid(strategy: str, world_size: int, tp: int | None, pp: int | None) -> Grid:
+    """The grid of `strategy` on `world_size` ranks, or NotApplicable/UserError saying why."""
+    if strategy == "pure_data_parallel":
+        if (tp or 1) != 1 or (pp or 1) != 1:
+            raise UserError(f"topology: pure_data_parallel shards nothing; got tp={tp} pp={pp} "
+                            "(use tensor_data_hybrid / pipeline_data_hybrid)")
+        return Grid(world_size, world_size, 1, 1)
+    if strategy == "tensor_data_hybrid":
+        tp = tp or min(DEFAULT_DEGREE, world_size)
+        _need("tensor_data_hybrid", "tp", tp, world_size)
+        _divides("tp", tp, world_size)
+        return Grid(world_size, world_size // tp, tp, 1)
+    if strategy == "pipeline_data_hybrid":
+        pp = pp or min(DEFAULT_DEGREE, world_size)
+        _need("pipeline_data_hybrid", "pp", pp, world_size)
+        _divides("pp", pp, world_size)
+        return Grid(world_size, world_size // pp, 1, pp)
+    if strategy == "full_model_parallel":
+        tp, pp = tp or DEFAULT_DEGREE, pp or DEFAULT_DEGREE
+        if tp < 2 or pp < 2 or tp * pp > world_size:
+            raise NotApplicable(
+                f"full_model_parallel needs tp>=2 and pp>=2, so at least {max(tp, 2) * max(pp, 2)} "
+                f"ranks; this run has {world_size} (tp={tp}, pp={pp})")
+        _divides("tp*pp", tp * pp, world_size)
+        return Grid(world_size, world_size // (tp * pp), tp, pp)
+    raise UserError(f"strategy: unknown '{strategy}'")
+
+
+def _need(strategy: str, name: str, degree: int, world_size: int) -> None:
+    if world_size < 2 or degree < 2:
+        raise NotApplicable(f"{strategy} needs {name}>=2 ranks; this run has "
+                            f"world_size={world_size}, {name}={degree}")
+
+
+def _divides(name: str, degree: int, world_size: int) -> None:
+    if world_size % degree:
+        raise UserError(f"topology.{name}={degree} does not divide world_size={world_size}")
+
+
+def check_against_model(grid: Grid, n_head: int, n_layer: int) -> None:
+    if grid.tp > n_head:
+        raise UserError(f"topology.tp={grid.tp} exceeds the model's n_head={n_head}")
+    if grid.pp > n_layer:
+        raise UserError(f"topology.pp={grid.pp} exceeds the model's {n_layer} blocks")

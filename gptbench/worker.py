@@ -1,0 +1,192 @@
+"""One rank of a run: config -> grid -> model + strategy -> timed generation -> record.
+
+Started by the `deepspeed` launcher (or torchrun) through launch/run.py. Rank 0 gathers
+the per-rank measurements and writes the run record; a rank that fails writes its error
+for the orchestrator (gptbench run / suite) and leaves at once, so the launcher stops the
+others instead of letting them wait in a collective.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from gptbench import faults, results
+from gptbench.config import RunConfig, load_config
+from gptbench.errors import NotApplicable, UserError
+from gptbench.runplan import RunPlan, resolve, run_id_for
+from gptbench.strategies import REGISTRY
+from gptbench.strategies.base import RankContext
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="launch/run.py", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=False)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def dist_env() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_size) from the launcher; one rank without one."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return rank, world, local, local_size
+
+
+def error_path(output_dir: str, run_id: str, rank: int) -> str:
+    return os.path.join(output_dir, "runs", ".ranks", f"{run_id}.rank{rank}.json")
+
+
+def init_distributed(plan: RunPlan, rank: int, world: int, local_size: int) -> None:
+    import deepspeed
+
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("LOCAL_SIZE", str(local_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # DeepSpeed's CPU shm all-reduce ignores process groups: with tensor-parallel groups
+    # smaller than the world its results are silently wrong (DESIGN.md). Keep it off.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(
+        dist_backend="nccl" if plan.device.type == "cuda" else "gloo",
+        timeout=_dt.timedelta(seconds=plan.cfg.engine.comm_timeout_s))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_groups(grid, rank: int):
+    """Every rank creates every tensor-parallel group (new_group is collective)."""
+    mine, ranks = None, []
+    for members in grid.tp_groups():
+        group = torch.distributed.new_group(members)
+        if rank in members:
+            mine, ranks = group, members
+    return mine, ranks
+
+
+def run_rank(plan: RunPlan, rank: int, inject) -> tuple[dict, dict]:
+    """This rank's measurements and the strategy's info (head split, stages...)."""
+    from gptbench import measure
+
+    cfg, grid = plan.cfg, plan.grid
+    inject("load")
+    model = plan.load_model()
+    tp_group, tp_ranks = make_groups(grid, rank) if grid.tp > 1 else (None, [rank])
+    batches = plan.batches(rank)
+    is_output = rank in grid.output_ranks()
+    probe = batches[0][:cfg.parity.samples]
+    ref = measure.reference(model, probe, cfg) if (is_output and cfg.parity.enabled) else None
+    ctx = RankContext(cfg=cfg, grid=grid, rank=rank, device=plan.device, dtype=plan.dtype,
+                      model=model, tp_group=tp_group, tp_ranks=tp_ranks,
+                      info={"micro_batches": plan.micro_batches})
+    gen = REGISTRY[cfg.strategy](ctx)
+    del model, ctx.model
+    mine = measure.measure_rank(gen, batches, probe, ref, plan, rank, inject, ctx.info)
+    mine["is_output"] = is_output
+    return mine, ctx.info
+
+
+def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -> dict:
+    from gptbench import envinfo, measure
+
+    record = results.skeleton(plan.cfg, plan.grid.world_size, plan.grid, plan.model_dims,
+                              envinfo.collect_env(plan.device))
+    record["status"] = "ok"
+    record["topology"].update(micro_batches=plan.micro_batches,
+                              heads_per_tp_rank=info.get("heads_per_tp_rank"),
+                              stage_layers=info.get("stage_layers"))
+    record["workload"]["dtype"] = str(plan.dtype).replace("torch.", "")
+    record["engine"]["threads_per_rank"] = torch.get_num_threads()
+    metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
+    metrics["roofline"], roof_reason = measure.roofline(plan, metrics, record["env"])
+    if roof_reason:
+        reasons["metrics.roofline.fraction_of_peak"] = roof_reason
+    record["metrics"], record["null_reasons"] = metrics, reasons
+    record["parity"] = results.aggregate_parity(ranks)
+    if record["parity"] is None:
+        reasons["parity"] = "parity check disabled (parity.enabled: false)"
+    runs_dir = os.path.join(plan.cfg.output_dir, "runs")
+    results.apply_baseline(record, results.load_records(runs_dir))
+    record["wall_s"] = time.time() - started
+    results.write_json_atomic(results.run_path(plan.cfg.output_dir, plan.run_id), record)
+    return record
+
+
+def fail(cfg: RunConfig, run_id: str, world: int, rank: int, exc: BaseException) -> None:
+    """Record this rank's failure (its own file, and the run record if none exists yet)."""
+    status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed"
+    line = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+    detail = {"rank": rank, "status": status, "error": line,
+              "traceback": traceback.format_exc(limit=20)}
+    if status == "oom" and torch.cuda.is_available():
+        detail["cuda_memory"] = {"allocated_bytes": torch.cuda.memory_allocated(),
+                                 "reserved_bytes": torch.cuda.memory_reserved()}
+    results.write_json_atomic(error_path(cfg.output_dir, run_id, rank), detail)
+    path = results.run_path(cfg.output_dir, run_id)
+    if not os.path.exists(path):
+        record = results.skeleton(cfg, world)
+        record.update(run_id=run_id, status=status, error=f"rank {rank}: {line}", failed_rank=rank)
+        record["null_reasons"]["metrics"] = f"the run did not finish ({status})"
+        results.write_json_atomic(path, record)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, local_rank, local_size = dist_env()
+    started = time.time()
+    try:
+        cfg = load_config(args.config, args.set)
+        plan = resolve(cfg, world, local_rank, local_size)
+    except NotApplicable as e:
+        if rank == 0:
+            plan_record_na(args, world, str(e))
+        return 0
+    except UserError as e:
+        if rank == 0:
+            print(f"gptbench: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        inject = faults.from_env(rank, plan.device)
+        torch.set_num_threads(plan.threads)
+        init_distributed(plan, rank, world, local_size)
+        mine, info = run_rank(plan, rank, inject)
+        gathered = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(mine, gathered, dst=0)
+        if rank == 0:
+            record = write_record(plan, gathered, info, started)
+            print(f"gptbench: {plan.run_id}: {record['metrics']['throughput_tokens_per_s']:.1f} "
+                  f"tokens/s, parity {'ok' if (record['parity'] or {}).get('passed') else 'see record'}"
+                  f" -> {results.run_path(cfg.output_dir, plan.run_id)}", flush=True)
+        torch.distributed.barrier()
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then we leave
+        fail(cfg, plan.run_id, world, rank, exc)
+        print(f"gptbench: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)
+        os._exit(3 if isinstance(exc, torch.OutOfMemoryError) else 1)
+
+
+def plan_record_na(args, world: int, reason: str) -> None:
+    cfg = load_config(args.config, args.set)
+    run_id = run_id_for(cfg, world)
+    record = results.skeleton(cfg, world)
+    record.update(run_id=run_id, status="not_applicable", error=reason)
+    record["null_reasons"]["metrics"] = "not applicable: " + reason
+    results.write_json_atomic(results.run_path(cfg.output_dir, run_id), record)
+    print(f"gptbench: {run_id}: not applicable: {reason}", flush=True)

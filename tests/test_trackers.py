@@ -1,0 +1,235 @@
+"""Trackers against physical ground truth: sleeps, known allocations, real collectives."""
+
+import socket
+import sys
+import time
+import types
+
+import pytest
+import torch
+import torch.distributed
+
+from gptbench.errors import UserError
+from gptbench.trackers.comm import DEFAULT_TARGETS, CommTracker
+from gptbench.trackers.gpu_util import GpuUtilSampler, physical_gpu_id, visible_gpu_ids
+from gptbench.trackers.memory import MemoryTracker
+from gptbench.trackers.timing import Timer
+
+CPU = torch.device("cpu")
+ALLOCATION_BYTES = 400 * 10**6
+
+
+def _nvml_gpu_count() -> int:
+    import pynvml
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
+# --- timing -----------------------------------------------------------------------------
+
+def test_timer_records_clock_difference_per_block():
+    readings = iter([10.0, 10.25, 20.0, 21.0])
+    timer = Timer(CPU, clock=lambda: next(readings))
+    with timer.measure():
+        pass
+    with timer.measure():
+        pass
+    assert timer.elapsed_s == [0.25, 1.0]
+
+
+def test_timer_measures_a_real_sleep_within_10_percent():
+    timer = Timer(CPU)
+    with timer.measure():
+        time.sleep(0.2)
+    assert timer.elapsed_s == [pytest.approx(0.2, rel=0.1)]
+
+
+def test_timer_records_nothing_for_a_block_that_raised():
+    timer = Timer(CPU)
+    with pytest.raises(ValueError), timer.measure():
+        raise ValueError
+    assert timer.elapsed_s == []
+
+
+# --- memory -----------------------------------------------------------------------------
+
+def test_cpu_peak_rss_grows_by_a_held_allocation():
+    tracker = MemoryTracker(CPU)
+    tracker.reset()
+    tensor = torch.empty(ALLOCATION_BYTES // 4, dtype=torch.float32).fill_(1.0)  # touch pages
+    time.sleep(0.05)
+    tracker.stop()
+    del tensor
+    assert tracker.kind == "rss"
+    assert tracker.peak_reserved_bytes() is None
+    assert tracker.peak_bytes() - tracker.baseline_bytes == pytest.approx(ALLOCATION_BYTES, rel=0.1)
+
+
+def test_cpu_peak_rss_keeps_an_allocation_freed_before_stop():
+    tracker = MemoryTracker(CPU)
+    tracker.reset()
+    tensor = torch.empty(ALLOCATION_BYTES // 4, dtype=torch.float32).fill_(1.0)
+    time.sleep(0.1)
+    del tensor
+    time.sleep(0.05)
+    tracker.stop()
+    assert tracker.peak_bytes() - tracker.baseline_bytes == pytest.approx(ALLOCATION_BYTES, rel=0.1)
+
+
+def test_cpu_peak_rss_ignores_peaks_before_reset():
+    before = torch.empty(ALLOCATION_BYTES // 4, dtype=torch.float32).fill_(1.0)
+    del before  # the process's lifetime peak (ru_maxrss) now lies before the window
+    tracker = MemoryTracker(CPU)
+    tracker.reset()
+    time.sleep(0.05)
+    tracker.stop()
+    assert tracker.peak_bytes() - tracker.baseline_bytes < ALLOCATION_BYTES // 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_peak_allocated_grows_by_a_known_allocation():
+    device = torch.device("cuda", 0)
+    tracker = MemoryTracker(device)
+    tracker.reset()
+    tensor = torch.ones(ALLOCATION_BYTES // 4, dtype=torch.float32, device=device)
+    del tensor
+    assert tracker.kind == "cuda_allocated"
+    assert tracker.peak_bytes() - tracker.baseline_bytes == pytest.approx(ALLOCATION_BYTES, rel=0.1)
+    assert tracker.peak_reserved_bytes() >= tracker.peak_bytes()
+
+
+# --- GPU utilisation --------------------------------------------------------------------
+
+@pytest.mark.skipif(_nvml_gpu_count() > 0, reason="this machine has an NVIDIA driver")
+def test_gpu_util_without_driver_is_none_with_reason():
+    with GpuUtilSampler(0, interval_s=0.01) as sampler:
+        time.sleep(0.05)
+    value, reason = sampler.result()
+    assert value is None
+    assert reason.startswith("no NVIDIA driver:")
+    assert sampler.sample_count == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or _nvml_gpu_count() == 0,
+                    reason="needs a CUDA GPU and NVML")
+def test_gpu_util_of_a_busy_gpu_is_high():
+    device = torch.device("cuda", 0)
+    matrix = torch.randn(4096, 4096, device=device)
+    with GpuUtilSampler(0, interval_s=0.05) as sampler:
+        deadline_s = time.perf_counter() + 1.0
+        while time.perf_counter() < deadline_s:
+            matrix = (matrix @ matrix).clamp_(-1, 1)
+            torch.cuda.synchronize(device)
+    value, reason = sampler.result()
+    assert reason is None
+    assert sampler.sample_count >= 10
+    assert value > 50
+
+
+@pytest.mark.parametrize("visible, local_index, expected", [
+    (None, 1, 1),
+    ("2,3", 1, 3),
+    ("2, 3", 0, 2),
+    ("1gpu,2", 1, 2),  # CUDA reads entries like strtoul
+    ("GPU-aaaa-1111,GPU-bbbb", 1, "GPU-bbbb"),
+    ("MIG-cccc", 0, "MIG-cccc"),
+])
+def test_physical_gpu_id_follows_cuda_visible_devices(visible, local_index, expected):
+    assert physical_gpu_id(local_index, visible) == expected
+
+
+@pytest.mark.parametrize("visible, expected", [
+    ("", []),
+    ("0,-1,2", [0]),  # the first malformed entry ends the list
+    ("GPU-aaaa,3", ["GPU-aaaa"]),
+    ("0,1,0", []),  # a repeated entry hides every GPU
+])
+def test_visible_gpu_ids_edge_cases(visible, expected):
+    assert visible_gpu_ids(visible) == expected
+
+
+def test_physical_gpu_id_of_an_invisible_rank_names_the_variable():
+    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES='2,3' exposes 2"):
+        physical_gpu_id(2, "2,3")
+
+
+# --- communication ----------------------------------------------------------------------
+
+def _sleep_200ms() -> str:
+    time.sleep(0.2)
+    return "done"
+
+
+def test_wrap_accounts_a_sleeping_call_within_10_percent_and_restores():
+    target = types.ModuleType("fake_comm")
+    target.op = _sleep_200ms
+    tracker = CommTracker(CPU)
+    with tracker.wrap(target, "op"):
+        assert target.op() == "done"
+    assert target.op is _sleep_200ms
+    assert tracker.calls == 1
+    assert tracker.by_op["fake_comm.op"].seconds == pytest.approx(0.2, rel=0.1)
+    assert tracker.seconds_total == pytest.approx(0.2, rel=0.1)
+
+
+def test_wrap_counts_nested_tracked_calls_once():
+    target = types.ModuleType("fake_comm")
+    target.inner = _sleep_200ms
+    target.outer = lambda: target.inner()
+    tracker = CommTracker(CPU)
+    with tracker.wrap(target, "outer"), tracker.wrap(target, "inner"):
+        target.outer()
+    assert list(tracker.by_op) == ["fake_comm.outer"]
+    assert tracker.calls == 1
+
+
+@pytest.fixture(scope="module")
+def gloo_world_of_one():
+    import deepspeed
+    import deepspeed.comm
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    with pytest.MonkeyPatch.context() as patch:
+        # DeepSpeed's CPU shm all-reduce is a 30 s g++ build and ignores process groups.
+        patch.setattr(sys.modules["deepspeed.comm.torch"], "build_shm_op", lambda: None)
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield deepspeed.comm
+    torch.distributed.destroy_process_group()
+
+
+def test_comm_tracker_counts_deepspeed_and_torch_collectives(gloo_world_of_one):
+    dist = gloo_world_of_one
+    tensor = torch.ones(1024)
+    with CommTracker(CPU) as tracker:
+        dist.all_reduce(tensor)
+        dist.all_reduce(tensor)
+        dist.inference_all_reduce(tensor)  # what AutoTP's LinearAllreduce calls
+        torch.distributed.broadcast(tensor, src=0)
+    assert torch.equal(tensor, torch.ones(1024))  # a world of one reduces to itself
+    assert {name: stats.calls for name, stats in tracker.by_op.items()} == {
+        "deepspeed.comm.all_reduce": 2,  # its inner torch.distributed.all_reduce not again
+        "deepspeed.comm.inference_all_reduce": 1,
+        "torch.distributed.broadcast": 1,
+    }
+    assert tracker.calls == 4
+    assert 0 < tracker.seconds_total < 1
+
+
+def test_comm_tracker_patches_every_target_and_restores_it(gloo_world_of_one):
+    import importlib
+    modules = {name: importlib.import_module(name) for name, _ in DEFAULT_TARGETS}
+    originals = {(name, attr): getattr(modules[name], attr) for name, attr in DEFAULT_TARGETS}
+    with CommTracker(CPU):
+        for (name, attr), original in originals.items():
+            assert getattr(modules[name], attr) is not original, f"{name}.{attr} not patched"
+    for (name, attr), original in originals.items():
+        assert getattr(modules[name], attr) is original, f"{name}.{attr} not restored"
