@@ -125,8 +125,9 @@ def compare_run(base: dict, candidate: dict, fail_on: list[tuple[str, float]]) -
         verdict_text = gate(name, before, after, change, limits.get(name))
         if verdict_text:
             regressions.append(f"{base['run_id']} {metric_label(name)}: {verdict_text}")
-        lines.append(f"  {metric_label(name):<28}{fmt(before):>12}{fmt(after):>12}"
-                     f"{'—' if change is None else f'{change:+.1f}%':>10}" + (f"  REGRESSION: {verdict_text}" if verdict_text else ""))
+        change_text = "—" if change is None else f"{change:+.1f}%"
+        flag = f"  REGRESSION: {verdict_text}" if verdict_text else ""
+        lines.append(f"  {metric_label(name):<28}{fmt(before):>12}{fmt(after):>12}{change_text:>10}{flag}")
     return lines, regressions
 
 
@@ -137,7 +138,7 @@ def gate(name: str, before, after, change, limit_pct) -> str | None:
     if after is None:
         return "missing in candidate"
     worse_pct = -direction(name) * change
-    if worse_pct > limit_pct * 10:
+    if worse_pct > limit_pct:
         return f"{worse_pct:.1f}% worse, limit {limit_pct:g}%"
     return None
 
@@ -170,4 +171,5 @@ def verdict(fail_on: list[tuple[str, float]], regressions: list[str]) -> str:
         return "Result: no --fail-on gate given"
     if not regressions:
         return "Result: no regression beyond the --fail-on limits"
-    return f"Result: {len(regressions)} regression(s) beyond the --fail-on limits:\n" + "\n".join(f"  {r}" for r in regressions)
+    listed = "\n".join(f"  {r}" for r in regressions)
+    return f"Result: {len(regressions)} regression(s) beyond the --fail-on limits:\n{listed}"

@@ -101,6 +101,9 @@ def _split_balanced(weights: list[int], parts: int) -> list[int]:
 def stage_shares(model: ModelDims, tp: int, pp: int,
                  partition_method: str = "parameters") -> list[StageShare]:
     """One StageShare per pipeline stage (one element when pp == 1)."""
+    if partition_method not in ("parameters", "uniform"):
+        raise UserError(f"topology.partition_method: '{partition_method}' is not one of "
+                        "parameters, uniform")
     layers = _layer_params(model, tp, pp)
     if pp > len(layers):
         raise UserError(f"pp={pp} exceeds the {len(layers)} pipeline layers of the model")
@@ -113,6 +116,13 @@ def stage_shares(model: ModelDims, tp: int, pp: int,
         shares.append(StageShare(sum(layers[first:last]), blocks / model.n_layer * head_share,
                                  (first, last)))
     return shares
+
+
+def rank_fractions(model: ModelDims, tp: int, pp: int,
+                   partition_method: str = "parameters") -> tuple[float, float]:
+    """(weight, KV) shares of the fullest rank, for roofline.roofline_block."""
+    fullest = max(stage_shares(model, tp, pp, partition_method), key=lambda s: s.weight_params)
+    return fullest.weight_params / model.params, fullest.kv_fraction
 
 
 def grids(gpus: int, n_head: int) -> list[tuple[str, int, int, int]]:

@@ -221,7 +221,7 @@ def roofline_block(model_dims, workload, device_name: str | None,
     """The run record's `metrics.roofline`, for the slowest rank of one replica.
 
     `workload` has batch_size (per replica), input_len, output_len and a resolved dtype;
-    the fractions are that rank's share of weights and of KV (see plan.rank_share).
+    the fractions are that rank's share of weights and of KV (plan.rank_fractions).
     bytes_per_decode_step counts a pipeline stage's weights once per micro-batch.
     achieved_gbps = bytes_per_decode_step / measured TPOT; predicted_tokens_per_s is the
     bandwidth bound of all `dp` replicas together. Unknown values are None, and
@@ -233,7 +233,11 @@ def roofline_block(model_dims, workload, device_name: str | None,
     if dtype not in DTYPE_BYTES:
         out["reason"] = f"dtype '{dtype}' has no known size"
         return out
-    model = ModelDims.of(model_dims)
+    try:
+        model = ModelDims.of(model_dims)
+    except UserError as e:
+        out["reason"] = str(e)
+        return out
     nbytes = DTYPE_BYTES[dtype]
     batch = _field(workload, "batch_size")
     input_len, output_len = _field(workload, "input_len"), _field(workload, "output_len")

@@ -16,7 +16,6 @@ from gptbench.report.render import SUMMARY_COLUMNS, render_report
 
 FIXTURE_SUITE = Path(__file__).parent / "fixtures" / "suite"
 TITLE = "Fixture suite (hand-written test data)"
-OK_RUN_IDS = ["1gpu-dp1", "2gpu-dp2", "2gpu-tp2", "2gpu-pp2", "4gpu-dp4", "4gpu-tp2-dp2", "4gpu-pp2-dp2", "4gpu-tp2-pp2"]
 # Sorted by (world_size, strategy dp, tp, pp, full, run_id).
 ALL_RUN_IDS = ["1gpu-dp1", "2gpu-dp2", "2gpu-tp2", "2gpu-pp2", "2gpu-full",
                "4gpu-dp4", "4gpu-tp2-dp2", "4gpu-tp4", "4gpu-pp2-dp2", "4gpu-tp2-pp2"]

@@ -65,7 +65,8 @@ def speedup_chart(records: list[dict]) -> Figure | None:
     ranks = sorted({1} | {r["topology"]["world_size"] for r in runs})
     ax.plot(ranks, ranks, "k--", label="ideal (speedup = ranks)")
     for strategy in sorted({r["strategy"] for r in runs}, key=strategy_sort_key):
-        points = sorted((r["topology"]["world_size"], r["metrics"]["speedup"]) for r in runs if r["strategy"] == strategy)
+        points = sorted((r["topology"]["world_size"], r["metrics"]["speedup"])
+                        for r in runs if r["strategy"] == strategy)
         ax.plot(*zip(*points), marker="o", label=strategy)
     ax.set_xticks(ranks)
     ax.set_xlabel("ranks")
@@ -110,7 +111,8 @@ def latency_chart(records: list[dict]) -> Figure | None:
 
 
 def memory_chart(records: list[dict]) -> Figure | None:
-    runs = [r for r in finished_with(records, "metrics.peak_memory_bytes.per_rank") if r["metrics"]["peak_memory_bytes"]["per_rank"]]
+    runs = [r for r in finished_with(records, "metrics.peak_memory_bytes.per_rank")
+            if r["metrics"]["peak_memory_bytes"]["per_rank"]]
     if not runs:
         return None
     ax = new_figure().add_subplot()
@@ -137,8 +139,8 @@ def overhead_chart(records: list[dict]) -> Figure | None:
     if not runs:
         return None
     ax = new_figure().add_subplot()
-    percent = {path: [None if value_at(r, path) is None else 100 * value_at(r, path) for r in runs]
-               for path in ("metrics.comm_fraction", "metrics.bubble_fraction.measured", "metrics.bubble_fraction.theory")}
+    paths = ("metrics.comm_fraction", "metrics.bubble_fraction.measured", "metrics.bubble_fraction.theory")
+    percent = {path: [None if value_at(r, path) is None else 100 * value_at(r, path) for r in runs] for path in paths}
     grouped_bars(ax, [r["run_id"] for r in runs], {
         "communication": percent["metrics.comm_fraction"],
         "pipeline bubble (measured)": percent["metrics.bubble_fraction.measured"],

@@ -20,12 +20,10 @@ def best_by_throughput(records: list[dict]) -> dict | None:
 
 def best_per_world_size(records: list[dict]) -> dict[int, dict]:
     """{world_size: the run with the highest throughput on that many ranks}."""
-    best = {}
+    by_world_size = {}
     for run in with_throughput(records):
-        world_size = value_at(run, "topology.world_size")
-        if world_size not in best or run["metrics"]["throughput_tokens_per_s"] > best[world_size]["metrics"]["throughput_tokens_per_s"]:
-            best[world_size] = run
-    return dict(sorted(best.items()))
+        by_world_size.setdefault(value_at(run, "topology.world_size"), []).append(run)
+    return {world_size: best_by_throughput(runs) for world_size, runs in sorted(by_world_size.items())}
 
 
 def scaling_losses(records: list[dict]) -> list[dict]:
@@ -53,7 +51,8 @@ def findings(records: list[dict]) -> list[str]:
     sentences = [f"Best throughput: {describe(best)}, {best['metrics']['throughput_tokens_per_s']:.1f} tokens/s"
                  + speedup_clause(best) + "."]
     for world_size, run in best_per_world_size(records).items():
-        sentences.append(f"Best at {world_size} rank{'s' if world_size != 1 else ''}: {run['run_id']} ({run['strategy']}), "
+        ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+        sentences.append(f"Best at {ranks}: {run['run_id']} ({run['strategy']}), "
                          f"{run['metrics']['throughput_tokens_per_s']:.1f} tokens/s{efficiency_clause(run)}.")
     sentences += [loss_sentence(run) for run in scaling_losses(records)]
     sentences += [parity_sentence(run) for run in parity_failures(records)]

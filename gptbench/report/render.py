@@ -159,7 +159,8 @@ def parity_text(parity: dict | None) -> str:
     if not parity or parity.get("tokens_match") is None:
         return MISSING
     diff, tolerance = parity.get("max_abs_logit_diff"), parity.get("tolerance")
-    logits = "" if diff is None else f", max |Δlogit| {diff:.2g}" + ("" if tolerance is None else f" (tol {tolerance:g})")
+    tolerance_text = "" if tolerance is None else f" (tol {tolerance:g})"
+    logits = "" if diff is None else f", max |Δlogit| {diff:.2g}{tolerance_text}"
     if parity["tokens_match"]:
         return "tokens match" + logits
     rate = parity.get("token_match_rate")

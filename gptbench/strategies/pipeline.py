@@ -164,7 +164,7 @@ def build(ctx: RankContext) -> PipelineGenerator:
     engine, *_ = deepspeed.initialize(model=net, config=ds_config)
     engine.eval()
     parts = net.parts  # layer boundaries per stage: stage s owns [parts[s], parts[s+1])
-    ctx.info["stage_layers"] = [[parts[s], parts[s + 1]] for s in range(grid.pp)]
+    ctx.info["stage_layers"] = [[int(parts[s]), int(parts[s + 1])] for s in range(grid.pp)]
     ctx.info["pipe_state"] = state
     p, d, t = grid.coords(ctx.rank)
     pipe_ranks = [grid.rank(s, d, t) for s in range(grid.pp)]
