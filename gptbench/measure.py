@@ -83,17 +83,20 @@ def _profile(gen, ids, output_len: int, device, info: dict) -> dict:
             "profile_wall_s": wall_s, "busy_s": state.busy_s if state is not None else None}
 
 
-def roofline(plan, metrics: dict, env: dict):
+def roofline(plan, model: dict, metrics: dict, env: dict):
     """The record's `metrics.roofline` block and, where a figure is null, why."""
     from gptbench import roofline as rl
+    from gptbench.plan import rank_fractions
 
     w, g = plan.cfg.workload, plan.grid
     workload = {"dtype": str(plan.dtype).replace("torch.", ""), "batch_size": w.batch_size,
                 "input_len": w.input_len, "output_len": w.output_len}
     device_name = env.get("device_name") if env.get("device") == "cuda" else None
-    block = rl.roofline_block(plan.model_dims, workload, device_name, metrics["tpot_ms"]["p50"],
-                              # one rank holds 1/tp of its stage's weights, 1/pp of the layers
-                              1.0 / (g.tp * g.pp), dp=g.dp, pp=g.pp,
+    dims = rl.ModelDims.of(model)
+    # The fullest rank: embeddings stay whole under AutoTP and heads split unevenly.
+    weight_share, kv_share = rank_fractions(dims, g.tp, g.pp, plan.cfg.topology.partition_method)
+    block = rl.roofline_block(model, workload, device_name, metrics["tpot_ms"]["p50"],
+                              weight_share, per_rank_kv_fraction=kv_share, dp=g.dp, pp=g.pp,
                               micro_batches=plan.micro_batches)
     reason = block.pop("reason", None)
     if device_name is None:

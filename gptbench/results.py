@@ -56,7 +56,7 @@ def skeleton(cfg, world_size: int, grid=None, model=None, env=None) -> dict:
         "topology": {"world_size": world_size,
                      "dp": grid.dp if grid else None, "tp": grid.tp if grid else None,
                      "pp": grid.pp if grid else None, "micro_batches": None,
-                     "heads_per_tp_rank": None, "stage_layers": None},
+                     "heads_per_tp_rank": None, "stage_layers": None, "params_per_rank": None},
         "model": model or {"name": cfg.model.name, "weights": cfg.model.weights,
                            "preset": cfg.model.preset},
         "workload": {"dtype": w.dtype, "batch_size": w.batch_size, "input_len": w.input_len,
@@ -142,6 +142,7 @@ def aggregate_metrics(ranks: list[dict], grid, micro_batches: int) -> tuple[dict
 
 
 def aggregate_parity(ranks: list[dict]) -> dict | None:
+    """Every rank checks its tokens; logits exist where the rank computes them."""
     checks = [r["parity"] for r in ranks if r.get("parity")]
     if not checks:
         return None
@@ -153,9 +154,10 @@ def aggregate_parity(ranks: list[dict]) -> dict | None:
         "max_abs_logit_diff": max(diffs) if diffs else None,
         "tolerance": checks[0]["tolerance"],
         "passed": all(c["passed"] for c in checks),
-        "samples": sum(c["samples"] for c in checks),
+        "samples": sum(r["parity"]["samples"] for r in ranks if r["is_output"] and r["parity"]),
         "tokens": checks[0]["tokens"],
-        "replicas_checked": len(checks),
+        "ranks_checked": len(checks),
+        "ranks_tokens_match": [c["tokens_match"] for c in checks],
     }
 
 

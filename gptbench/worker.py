@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import os
 import sys
 import time
@@ -87,34 +88,41 @@ def run_rank(plan: RunPlan, rank: int, inject) -> tuple[dict, dict]:
     cfg, grid = plan.cfg, plan.grid
     inject("load")
     model = plan.load_model()
+    params = sum(p.numel() for p in model.parameters())  # unsharded; tied weights once
     tp_group, tp_ranks = make_groups(grid, rank) if grid.tp > 1 else (None, [rank])
     batches = plan.batches(rank)
     is_output = rank in grid.output_ranks()
     probe = batches[0][:cfg.parity.samples]
-    ref = measure.reference(model, probe, cfg) if (is_output and cfg.parity.enabled) else None
+    ref = measure.reference(model, probe, cfg) if cfg.parity.enabled else None
     ctx = RankContext(cfg=cfg, grid=grid, rank=rank, device=plan.device, dtype=plan.dtype,
                       model=model, tp_group=tp_group, tp_ranks=tp_ranks,
-                      info={"micro_batches": plan.micro_batches})
+                      info={"micro_batches": plan.micro_batches, "params": params})
     gen = REGISTRY[cfg.strategy](ctx)
     del model, ctx.model
+    gc.collect()  # the unsharded copy: this rank keeps only its shard
+    if plan.device.type == "cuda":
+        torch.cuda.empty_cache()
     mine = measure.measure_rank(gen, batches, probe, ref, plan, rank, inject, ctx.info)
     mine["is_output"] = is_output
+    mine["params"] = sum(p.numel() for p in gen.module.parameters())
     return mine, ctx.info
 
 
 def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -> dict:
     from gptbench import envinfo, measure
 
-    record = results.skeleton(plan.cfg, plan.grid.world_size, plan.grid, plan.model_dims,
+    model = {**plan.model_dims, "params": info["params"]}
+    record = results.skeleton(plan.cfg, plan.grid.world_size, plan.grid, model,
                               envinfo.collect_env(plan.device))
     record["status"] = "ok"
     record["topology"].update(micro_batches=plan.micro_batches,
                               heads_per_tp_rank=info.get("heads_per_tp_rank"),
-                              stage_layers=info.get("stage_layers"))
+                              stage_layers=info.get("stage_layers"),
+                              params_per_rank=[r["params"] for r in ranks])
     record["workload"]["dtype"] = str(plan.dtype).replace("torch.", "")
     record["engine"]["threads_per_rank"] = torch.get_num_threads()
     metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
-    metrics["roofline"], roof_reason = measure.roofline(plan, metrics, record["env"])
+    metrics["roofline"], roof_reason = measure.roofline(plan, model, metrics, record["env"])
     if roof_reason:
         reasons["metrics.roofline.fraction_of_peak"] = roof_reason
     record["metrics"], record["null_reasons"] = metrics, reasons

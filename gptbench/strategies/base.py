@@ -46,6 +46,10 @@ class CachedLM:
         self.forward, self.config = forward, config
         self.cache = None
 
+    @property
+    def module(self):
+        return getattr(self.forward, "module", self.forward)
+
     def _run(self, ids: torch.Tensor) -> Step:
         from transformers import DynamicCache
 

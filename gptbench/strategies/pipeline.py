@@ -113,6 +113,10 @@ class PipelineGenerator:
         self.pipe_group, self.last_rank = pipe_group, last_rank
         self.pos = None  # (B, 1) next position of each sequence
 
+    @property
+    def module(self):
+        return self.engine.module
+
     def _run(self, ids: torch.Tensor, pos: torch.Tensor) -> Step:
         mbs = list(zip(ids.chunk(self.m), pos.chunk(self.m)))
         batches = iter([((x, torch.tensor([i], device=x.device), p), None)
@@ -161,6 +165,8 @@ def build(ctx: RankContext) -> PipelineGenerator:
                      "grad_partitioned": cfg.engine.pipe_partitioned},
         "steps_per_print": 10 ** 9,
     }
+    for spec in net._layer_specs:  # drop the other stages' layers: this rank owns its own
+        spec.module_args = ()
     engine, *_ = deepspeed.initialize(model=net, config=ds_config)
     engine.eval()
     parts = net.parts  # layer boundaries per stage: stage s owns [parts[s], parts[s+1])
