@@ -23,6 +23,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHTS = ("pretrained", "random")
 DEVICES = ("auto", "cpu", "cuda")
 PARTITION_METHODS = ("parameters", "uniform")
+BACKENDS = ("deepspeed", "hf_eager")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class ParityConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "auto"
+    backend: str = "deepspeed"  # hf_eager: the plain Hugging Face model, no DeepSpeed (baseline)
     kernel_inject: bool = False
     cuda_graph: bool = False
     threads: typing.Optional[int] = None  # torch threads per rank; None: cores / local ranks
@@ -90,6 +92,7 @@ class RunConfig:
 CHOICES = {
     "strategy": STRATEGIES, "model.weights": WEIGHTS, "workload.dtype": DTYPES,
     "engine.device": DEVICES, "topology.partition_method": PARTITION_METHODS,
+    "engine.backend": BACKENDS,
 }
 POSITIVE = {"topology.world_size", "topology.tp", "topology.pp", "topology.micro_batches",
             "workload.batch_size", "workload.input_len", "workload.output_len",

@@ -62,7 +62,7 @@ def skeleton(cfg, world_size: int, grid=None, model=None, env=None) -> dict:
         "workload": {"dtype": w.dtype, "batch_size": w.batch_size, "input_len": w.input_len,
                      "output_len": w.output_len, "num_samples": w.num_samples,
                      "iterations": w.iterations, "warmup": w.warmup, "dataset": w.dataset},
-        "engine": {"kernel_inject": cfg.engine.kernel_inject, "cuda_graph": cfg.engine.cuda_graph,
+        "engine": {"backend": cfg.engine.backend, "kernel_inject": cfg.engine.kernel_inject, "cuda_graph": cfg.engine.cuda_graph,
                    "threads_per_rank": cfg.engine.threads,
                    "pipe_partitioned": cfg.engine.pipe_partitioned},
         "metrics": None,
@@ -170,7 +170,8 @@ def comparable_baseline(record: dict, candidates: list[dict]) -> dict | None:
                 and base["model"].get("name") == record["model"].get("name")
                 and base["model"].get("preset") == record["model"].get("preset")
                 and all(base["workload"][k] == record["workload"][k] for k in keys)
-                and base["engine"].get("kernel_inject") == record["engine"].get("kernel_inject")):
+                and base["engine"].get("kernel_inject") == record["engine"].get("kernel_inject")
+                and base["engine"].get("backend", "deepspeed") == "deepspeed"):
             return base
     return None
 

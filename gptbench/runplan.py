@@ -155,6 +155,10 @@ def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
         raise UserError("engine.cuda_graph needs engine.kernel_inject: true")
     if (e.kernel_inject or e.cuda_graph) and grid.pp > 1:
         raise UserError("engine.kernel_inject/cuda_graph: not available inside a PipelineModule")
+    if e.backend == "hf_eager" and (cfg.strategy != "pure_data_parallel"
+                                    or e.kernel_inject or e.cuda_graph):
+        raise UserError("engine.backend: hf_eager is the plain Hugging Face model: only with "
+                        "pure_data_parallel and without kernel_inject/cuda_graph")
     device = select_device(cfg, local_rank)
     if (e.kernel_inject or e.cuda_graph) and device.type != "cuda":
         raise UserError("engine.kernel_inject/cuda_graph: DeepSpeed's fused kernels are CUDA-only")
