@@ -71,6 +71,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _shm_allreduce_active() -> bool:
+    from deepspeed.comm import comm
+
+    return getattr(comm.cdb, "shm_comm_op", None) is not None
+
+
 def make_groups(grid, rank: int):
     """Every rank creates every tensor-parallel group (new_group is collective)."""
     mine, ranks = None, []
@@ -105,6 +111,7 @@ def run_rank(plan: RunPlan, rank: int, inject) -> tuple[dict, dict]:
     mine = measure.measure_rank(gen, batches, probe, ref, plan, rank, inject, ctx.info)
     mine["is_output"] = is_output
     mine["params"] = sum(p.numel() for p in gen.module.parameters())
+    mine["shm_allreduce"] = _shm_allreduce_active()
     return mine, ctx.info
 
 
@@ -121,6 +128,7 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
                               params_per_rank=[r["params"] for r in ranks])
     record["workload"]["dtype"] = str(plan.dtype).replace("torch.", "")
     record["engine"]["threads_per_rank"] = torch.get_num_threads()
+    record["engine"]["shm_allreduce"] = any(r["shm_allreduce"] for r in ranks)
     metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
     metrics["roofline"], roof_reason = measure.roofline(plan, model, metrics, record["env"])
     if roof_reason:

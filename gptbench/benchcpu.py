@@ -1,0 +1,374 @@
+"""`make bench-cpu`: what gptbench's harness costs, and what 2 ranks buy, on this CPU.
+
+A benchmark, not a test: it prints a table and writes `<output_dir>/bench.json`, and exits 0
+whether or not a target is met (1 only when nothing could be measured).
+
+1. Overhead, in one process: the worker's timed loop (`runner.run_timed` over the
+   `pure_data_parallel` strategy's generator, i.e. `CachedLM` of the plain Hugging Face
+   model) against a bare `model.generate` loop (greedy, min_new_tokens = max_new_tokens,
+   so both make exactly output_len tokens) on the same model, batches and thread count.
+   The arms alternate within each repeat (their order rotates), and
+   `overhead_ratio` = median over repeats of gptbench tokens/s / bare tokens/s, so slow
+   drift of a shared machine hits both sides of each ratio. Target: >= 0.97. The DeepSpeed
+   `InferenceEngine` arm (`init_inference`, tp_size=1, gloo, world of one) runs the same
+   way when DeepSpeed initialises in-process, else it is skipped with the reason.
+2. Scaling: deepspeed_configs/bench-cpu.yaml through the `deepspeed` launcher, one torch
+   thread per rank: 1 rank of pure_data_parallel (the baseline), then 2 ranks of each
+   strategy. speedup = tokens/s over the baseline's; parallel_efficiency = speedup / ranks.
+   pure_data_parallel gives every replica its own samples (weak scaling), tensor and
+   pipeline split one replica's work (same tokens as the baseline).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "deepspeed_configs", "bench-cpu.yaml")
+SCHEMA = "gptbench.bench-cpu/1"
+OVERHEAD_TARGET = 0.97
+REPEATS = 7
+ARMS = ("bare_hf_generate", "gptbench_hf", "gptbench_deepspeed")
+# (row name, ranks, overrides); the baseline runs first so the 2-rank records find it.
+SCALING_RUNS = (
+    ("baseline", 1, ["strategy=pure_data_parallel"]),
+    ("pure_data_parallel", 2, ["strategy=pure_data_parallel"]),
+    ("tensor_data_hybrid", 2, ["strategy=tensor_data_hybrid", "topology.tp=2"]),
+    ("pipeline_data_hybrid", 2, ["strategy=pipeline_data_hybrid", "topology.pp=2"]),
+)
+
+
+# ---- overhead: one process, three arms ---------------------------------------------------
+
+def bare_tokens_per_s(model, batches: list[torch.Tensor], output_len: int) -> float:
+    """Plain Hugging Face generation of exactly `output_len` greedy tokens per sequence."""
+    start = time.perf_counter()
+    tokens = 0
+    for ids in batches:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=output_len, min_new_tokens=output_len)
+        tokens += out[:, ids.shape[1]:].numel()  # (B, output_len)
+    return tokens / (time.perf_counter() - start)
+
+
+def gptbench_tokens_per_s(gen, batches: list[torch.Tensor], output_len: int) -> float:
+    """One timed iteration of the worker's loop (no other ranks: the barrier is a no-op)."""
+    from gptbench import runner
+
+    timing = runner.run_timed(gen, batches, output_len, iterations=1, warmup=0,
+                              barrier=runner.no_sync)
+    return timing.generated_tokens / timing.timed_wall_s
+
+
+def same_tokens(model, gen, ids: torch.Tensor, output_len: int) -> bool:
+    """Both loops must produce the same tokens, or the comparison is not like for like."""
+    from gptbench import runner
+
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=output_len, min_new_tokens=output_len)
+    tokens, _, _ = runner.generate_batch(gen, ids, output_len)
+    return bool(torch.equal(ref[:, ids.shape[1]:], tokens))
+
+
+@contextmanager
+def _single_rank_env():
+    """RANK/WORLD_SIZE/MASTER_* for a world of one, restored afterwards so that the
+    launcher runs that follow do not inherit them."""
+    from gptbench.worker import _free_port
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def deepspeed_generator(plan, model):
+    """The pure_data_parallel strategy's DeepSpeed engine, built in this process."""
+    import deepspeed
+
+    from gptbench.strategies import REGISTRY
+    from gptbench.strategies.base import RankContext
+
+    with _single_rank_env():
+        # DeepSpeed's CPU shm all-reduce ignores process groups (DESIGN.md): keep it off.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend="gloo")
+    ctx = RankContext(cfg=plan.cfg, grid=plan.grid, rank=0, device=plan.device,
+                      dtype=plan.dtype, model=model)
+    return REGISTRY["pure_data_parallel"](ctx)
+
+
+def _plan(config_path: str, overrides: list[str], backend: str):
+    from gptbench.config import load_config
+    from gptbench.runplan import resolve
+
+    cfg = load_config(config_path, list(overrides) + ["strategy=pure_data_parallel",
+                                                      f"engine.backend={backend}"])
+    return resolve(cfg, 1)
+
+
+def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
+                     repeats: int = REPEATS, with_deepspeed: bool = True) -> dict:
+    """The `overhead` block of bench.json; see the module docstring for the method."""
+    import copy
+
+    from gptbench.strategies import REGISTRY
+    from gptbench.strategies.base import RankContext
+
+    plan = _plan(config_path, overrides, "hf_eager")
+    w = plan.cfg.workload
+    torch.set_num_threads(plan.threads)
+    model = plan.load_model()
+    batches = plan.batches(0)
+    ctx = RankContext(cfg=plan.cfg, grid=plan.grid, rank=0, device=plan.device,
+                      dtype=plan.dtype, model=model)
+    gens = {"gptbench_hf": REGISTRY["pure_data_parallel"](ctx)}
+    skipped = {}
+    if with_deepspeed:
+        try:
+            ds_plan = _plan(config_path, overrides, "deepspeed")
+            gens["gptbench_deepspeed"] = deepspeed_generator(ds_plan, copy.deepcopy(model))
+        except Exception as e:  # noqa: BLE001 - reported in bench.json, the rest still runs
+            skipped["gptbench_deepspeed"] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    else:
+        skipped["gptbench_deepspeed"] = "not requested (with_deepspeed=False)"
+
+    timers = {"bare_hf_generate": lambda: bare_tokens_per_s(model, batches, w.output_len)}
+    for name, gen in gens.items():
+        timers[name] = lambda gen=gen: gptbench_tokens_per_s(gen, batches, w.output_len)
+    with torch.no_grad():
+        tokens_match = {name: same_tokens(model, gen, batches[0], w.output_len)
+                        for name, gen in gens.items()}
+        for timer in timers.values():  # warm-up: allocator, thread pool, first-call paths
+            timer()
+        samples = {name: [] for name in timers}
+        names = list(timers)
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                samples[name].append(timers[name]())
+    return overhead_block(samples, tokens_match, skipped, plan, model)
+
+
+def overhead_block(samples: dict[str, list[float]], tokens_match: dict[str, bool],
+                   skipped: dict[str, str], plan, model) -> dict:
+    from gptbench.models import model_info
+
+    w, m = plan.cfg.workload, plan.cfg.model
+    bare = samples["bare_hf_generate"]
+    arms = {}
+    for name in ARMS:
+        if name not in samples:
+            arms[name] = {"tokens_per_s": None, "skipped": skipped.get(name)}
+            continue
+        arms[name] = {"tokens_per_s_median": statistics.median(samples[name]),
+                      "tokens_per_s": samples[name],
+                      "tokens_match_bare": tokens_match.get(name)}
+        if name != "bare_hf_generate":
+            arms[name]["ratio_to_bare"] = paired_ratio(samples[name], bare)
+    info = model_info(model, m.name, m.weights)
+    return {
+        "method": "interleaved repeats, rotating order; ratio = median over repeats of "
+                  "arm tokens/s / bare tokens/s of the same repeat",
+        "model": {"name": info.name, "preset": m.preset, "weights": info.weights,
+                  "params": info.params, "n_layer": info.n_layer, "n_head": info.n_head,
+                  "n_embd": info.n_embd, "vocab_size": info.vocab_size},
+        "workload": {"dtype": str(plan.dtype).replace("torch.", ""),
+                     "batch_size": w.batch_size, "input_len": w.input_len,
+                     "output_len": w.output_len, "batches": w.num_samples // w.batch_size},
+        "threads": torch.get_num_threads(),
+        "repeats": len(bare),
+        "arms": arms,
+    }
+
+
+def paired_ratio(candidate: list[float], bare: list[float]) -> float:
+    """Median of per-repeat ratios: each pair was measured back to back."""
+    return statistics.median(c / b for c, b in zip(candidate, bare))
+
+
+# ---- scaling: launcher runs ----------------------------------------------------------------
+
+def scaling_row(record: dict, ranks: int, baseline: dict | None) -> dict:
+    """One strategy's row from its run record and the 1-rank baseline's record."""
+    m = record.get("metrics") or {}
+    ok = record.get("status") == "ok" and bool(m)
+    base_ok = bool(baseline) and baseline.get("status") == "ok" and bool(baseline.get("metrics"))
+    throughput = m.get("throughput_tokens_per_s") if ok else None
+    speedup = (throughput / baseline["metrics"]["throughput_tokens_per_s"]
+               if throughput is not None and base_ok else None)
+    bubble = m.get("bubble_fraction") or {}
+    parity = record.get("parity") or {}
+    topo = record.get("topology") or {}
+    return {
+        "run_id": record.get("run_id"),
+        "status": record.get("status"),
+        "error": record.get("error"),
+        "ranks": ranks,
+        "dp": topo.get("dp"), "tp": topo.get("tp"), "pp": topo.get("pp"),
+        "threads_per_rank": (record.get("engine") or {}).get("threads_per_rank"),
+        "throughput_tokens_per_s": throughput,
+        "speedup": speedup,
+        "parallel_efficiency": speedup / ranks if speedup is not None else None,
+        "comm_fraction": m.get("comm_fraction"),
+        "bubble_fraction_measured": bubble.get("measured"),
+        "bubble_fraction_theory": bubble.get("theory"),
+        "tpot_ms_p50": (m.get("tpot_ms") or {}).get("p50"),
+        "ttft_ms_p50": (m.get("ttft_ms") or {}).get("p50"),
+        "throughput_cv_pct": m.get("throughput_cv_pct"),
+        "parity_passed": parity.get("passed"),
+        "max_abs_logit_diff": parity.get("max_abs_logit_diff"),
+        "wall_s": record.get("wall_s"),
+    }
+
+
+def measure_scaling(output_dir: str, config_path: str = CONFIG,
+                    overrides: list[str] = ()) -> tuple[dict | None, dict]:
+    """(baseline row, {strategy: row}); records land in output_dir/runs, logs in /logs."""
+    from gptbench import launcher
+
+    rows, baseline, baseline_row = {}, None, None
+    for name, ranks, extra in SCALING_RUNS:
+        sets = list(overrides) + extra + [f"output_dir={output_dir}", "engine.threads=1"]
+        log = os.path.join(output_dir, "logs", f"{name}-{ranks}r.log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        print(f"bench-cpu: {name} on {ranks} rank(s) ...", flush=True)
+        record = launcher.run(config_path, sets, ranks=ranks, log_path=log)
+        if name == "baseline":
+            baseline = record
+        row = scaling_row(record, ranks, baseline)
+        if name == "baseline":
+            baseline_row = row
+        else:
+            rows[name] = row
+        failed = "" if row["status"] == "ok" else f" - {row['error']}"
+        print(f"  {row['status']}: {_fmt(row['throughput_tokens_per_s'], '.1f')} tokens/s"
+              f"{failed} (log {log})", flush=True)
+    return baseline_row, rows
+
+
+# ---- the report ----------------------------------------------------------------------------
+
+def build_report(overhead: dict | None, baseline: dict | None, scaling: dict,
+                 env: dict, wall_s: float, notes: dict | None = None) -> dict:
+    arms = (overhead or {}).get("arms", {})
+    ratio = arms.get("gptbench_hf", {}).get("ratio_to_bare")
+    ds = arms.get("gptbench_deepspeed", {})
+    return {
+        "schema": SCHEMA,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": env.get("git_commit"),
+        "config": os.path.relpath(CONFIG, ROOT),
+        "overhead_ratio": ratio,
+        "overhead_target": OVERHEAD_TARGET,
+        "overhead_passed": ratio >= OVERHEAD_TARGET if ratio is not None else None,
+        "overhead_ratio_deepspeed": ds.get("ratio_to_bare"),
+        "overhead_deepspeed_skipped": ds.get("skipped"),
+        "overhead": overhead,
+        "scaling_baseline": baseline,
+        "scaling": scaling,
+        "env": env,
+        "notes": notes or {},
+        "wall_s": wall_s,
+    }
+
+
+def _fmt(value, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def format_table(report: dict) -> str:
+    lines = []
+    o = report.get("overhead")
+    if o:
+        lines.append(f"overhead ({o['model']['preset'] or o['model']['name']}, "
+                     f"{o['model']['params'] / 1e6:.1f}M params, {o['workload']['dtype']}, "
+                     f"batch {o['workload']['batch_size']}, {o['workload']['input_len']}->"
+                     f"{o['workload']['output_len']} tokens x {o['workload']['batches']} "
+                     f"batches, {o['threads']} thread(s), {o['repeats']} repeats)")
+        lines.append(f"  {'arm':<22}{'tokens/s (median)':>19}{'ratio to bare':>15}"
+                     f"{'same tokens':>13}")
+        for name, arm in o["arms"].items():
+            if arm.get("tokens_per_s") is None:
+                lines.append(f"  {name:<22}  skipped: {arm.get('skipped')}")
+                continue
+            lines.append(f"  {name:<22}{arm['tokens_per_s_median']:>19.1f}"
+                         f"{_fmt(arm.get('ratio_to_bare'), '.3f', '1'):>15}"
+                         f"{_fmt(arm.get('tokens_match_bare'), '', 'ref'):>13}")
+        ratio = report["overhead_ratio"]
+        verdict = ("PASS" if report["overhead_passed"] else "BELOW TARGET") if ratio else "n/a"
+        lines.append(f"  overhead_ratio {_fmt(ratio, '.3f')} (target >= "
+                     f"{report['overhead_target']}): {verdict}")
+    rows = dict(report.get("scaling") or {})
+    if report.get("scaling_baseline"):
+        rows = {"1 rank (baseline)": report["scaling_baseline"], **rows}
+    if rows:
+        lines.append("")
+        lines.append("scaling (deepspeed launcher, gloo, 1 thread per rank)")
+        head = (f"  {'strategy':<22}{'ranks':>6}{'tokens/s':>10}{'speedup':>9}{'eff.':>7}"
+                f"{'comm':>7}{'bubble':>8}{'TPOT p50 ms':>13}{'parity':>8}  status")
+        lines.append(head)
+        for name, r in rows.items():
+            bubble = r.get("bubble_fraction_measured")
+            lines.append(
+                f"  {name:<22}{r['ranks']:>6}{_fmt(r['throughput_tokens_per_s'], '.1f'):>10}"
+                f"{_fmt(r['speedup'], '.2f'):>9}{_fmt(r['parallel_efficiency'], '.2f'):>7}"
+                f"{_fmt(r['comm_fraction'], '.1%'):>7}{_fmt(bubble, '.1%'):>8}"
+                f"{_fmt(r['tpot_ms_p50'], '.2f'):>13}"
+                f"{_fmt(r['parity_passed'], ''):>8}  {r['status']}"
+                + (f": {r['error']}" if r.get("error") else ""))
+    return "\n".join(lines)
+
+
+def main(output_dir: str = "reports/bench-cpu", config_path: str = CONFIG,
+         overrides: list[str] = (), repeats: int = REPEATS, with_deepspeed: bool = True,
+         scaling: bool = True) -> int:
+    from gptbench import envinfo, results
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.time()
+    notes = {"load_avg_1m_before": _load_avg()}
+    print("bench-cpu: overhead (one process) ...", flush=True)
+    overhead = None
+    try:
+        overhead = measure_overhead(config_path, overrides, repeats, with_deepspeed)
+    except Exception as e:  # noqa: BLE001 - the scaling runs are still worth having
+        notes["overhead_error"] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        print(f"bench-cpu: overhead failed: {notes['overhead_error']}", file=sys.stderr)
+    baseline, rows = None, {}
+    if scaling:
+        baseline, rows = measure_scaling(output_dir, config_path, overrides)
+    else:
+        notes["scaling"] = "not run (scaling=False)"
+    notes["load_avg_1m_after"] = _load_avg()
+    report = build_report(overhead, baseline, rows, envinfo.collect_env(torch.device("cpu")),
+                          time.time() - started, notes)
+    path = os.path.join(output_dir, "bench.json")
+    results.write_json_atomic(path, report)
+    print()
+    print(format_table(report))
+    print(f"\nload average (1 min) before/after: {notes['load_avg_1m_before']} / "
+          f"{notes['load_avg_1m_after']} on {os.cpu_count()} CPUs")
+    print(f"bench-cpu: wrote {path}")
+    measured = overhead is not None or any(r["status"] == "ok" for r in rows.values())
+    return 0 if measured else 1
+
+
+def _load_avg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None

@@ -1,0 +1,24 @@
+"""Shared test setup: offline Hugging Face and the tiny random GPT-2."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """`tiny_model(tie_embeddings)`: the 4-layer, 5-head random GPT-2 in fp32 on CPU."""
+    from gptbench.models import load_model
+
+    cache = {}
+
+    def make(tie_embeddings: bool = True):
+        if tie_embeddings not in cache:
+            cache[tie_embeddings] = load_model("tiny", "random", "tiny", torch.float32,
+                                               torch.device("cpu"), seed=0,
+                                               tie_embeddings=tie_embeddings)
+        return cache[tie_embeddings]
+
+    return make
