@@ -215,6 +215,8 @@ def _check_values(cfg: RunConfig) -> None:
     for key in POSITIVE:
         if values[key] is not None and values[key] <= 0:
             raise UserError(f"{key}: must be positive, got {values[key]}")
+    if cfg.parity.tolerance is not None and cfg.parity.tolerance < 0:
+        raise UserError(f"parity.tolerance: must be >= 0, got {cfg.parity.tolerance}")
     if cfg.workload.warmup < 0:
         raise UserError(f"workload.warmup: must be >= 0, got {cfg.workload.warmup}")
     from gptbench.models import PRESETS

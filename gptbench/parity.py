@@ -17,8 +17,10 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25, torch.float16: 0.05}
 @torch.no_grad()
 def reference(model, probe: torch.Tensor, n_tokens: int):
     """(tokens (B, n), logits (n, B, V)) of plain greedy `generate`."""
+    # eos_token_id=None: no early stop and no EOS masking (min_new_tokens would set the EOS
+    # logit to -inf), so this decodes exactly like the runner, which ignores EOS.
     out = model.generate(probe, attention_mask=torch.ones_like(probe), do_sample=False,
-                         max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                         max_new_tokens=n_tokens, eos_token_id=None,
                          output_logits=True, return_dict_in_generate=True)
     return out.sequences[:, probe.shape[1]:], torch.stack(out.logits).float()
 
