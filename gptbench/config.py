@@ -24,6 +24,7 @@ WEIGHTS = ("pretrained", "random")
 DEVICES = ("auto", "cpu", "cuda")
 PARTITION_METHODS = ("parameters", "uniform")
 BACKENDS = ("deepspeed", "hf_eager")
+PIPE_TOPOLOGIES = ("auto", "PipeDataParallelTopology", "PipeModelDataParallelTopology")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class TopologyConfig:
     pp: typing.Optional[int] = None
     micro_batches: typing.Optional[int] = None  # None: pp, enough to fill the pipeline
     partition_method: str = "parameters"
+    pipe_topology: str = "auto"  # DeepSpeed's class; auto: PipeModelDataParallel iff tp > 1
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class RunConfig:
 CHOICES = {
     "strategy": STRATEGIES, "model.weights": WEIGHTS, "workload.dtype": DTYPES,
     "engine.device": DEVICES, "topology.partition_method": PARTITION_METHODS,
-    "engine.backend": BACKENDS,
+    "engine.backend": BACKENDS, "topology.pipe_topology": PIPE_TOPOLOGIES,
 }
 POSITIVE = {"topology.world_size", "topology.tp", "topology.pp", "topology.micro_batches",
             "workload.batch_size", "workload.input_len", "workload.output_len",

@@ -1,12 +1,15 @@
 """Run one configuration as its own `deepspeed` launcher process and always end with a record.
 
-The config is validated here first (bad input: exit 2, nothing started, nothing written).
-The launcher runs in its own process group, so a timeout or Ctrl-C ends every rank; when
-the ranks did not write a finished record, one is composed from what the ranks left:
-`failed`/`oom` with the failing rank, or `timeout`.
+The config, the dataset and GPTBENCH_FAULT are validated here first (bad input: exit 2,
+nothing started, nothing written). The launcher runs in its own process group, so a
+timeout or Ctrl-C ends every rank, and no rank outlives `run`. When the ranks did not write
+a finished record, one is composed from what the ranks left: `failed`/`oom` with the
+failing rank, or `timeout`. An interrupted run leaves no record (a rerun or `--resume`
+runs it again).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,10 +17,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
-from gptbench import results
-from gptbench.config import load_config
-from gptbench.errors import NotApplicable
+import psutil
+
+from gptbench import faults, results
+from gptbench.config import RunConfig, load_config
+from gptbench.errors import NotApplicable, UserError
 from gptbench.runplan import resolve, run_id_for
 from gptbench.worker import error_path
 
@@ -25,15 +31,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "launch", "run.py")
 # A peer's message when it gave up waiting in a collective for a rank that went silent.
 WAITING = re.compile(r"timed out|timeout|connection (closed|reset)|broken pipe|peer", re.I)
+# Gloo prefixes its messages with its source location: noise in a one-line error.
+SOURCE_LOCATION = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
+GRACE_S = 10.0  # SIGTERM to SIGKILL
 
 
-def deepspeed_command(config_path: str | None, overrides: list[str], world: int) -> list[str]:
+def deepspeed_command(config_path: str | None, overrides: list[str], world: int,
+                      visible_gpus: str | None = None) -> list[str]:
     exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     if not os.path.exists(exe):
         exe = shutil.which("deepspeed") or exe
     from gptbench.worker import _free_port
 
-    cmd = [exe, "--num_gpus", str(world), "--master_port", str(_free_port()), ENTRY]
+    cmd = [exe, *device_args(world, visible_gpus), "--master_port", str(_free_port()), ENTRY]
     if config_path:
         cmd += ["--config", config_path]
     for pair in overrides:
@@ -41,43 +51,115 @@ def deepspeed_command(config_path: str | None, overrides: list[str], world: int)
     return cmd
 
 
-def prepare(config_path: str | None, overrides: list[str], ranks: int | None = None):
-    """(cfg, world, run_id, not_applicable_reason): validation before anything starts."""
+def device_args(world: int, visible_gpus: str | None) -> list[str]:
+    """The runner's device selection. Given `--num_gpus` DeepSpeed drops CUDA_VISIBLE_DEVICES
+    and takes GPUs 0..N-1, so GPUs the user chose are named with `--include` instead."""
+    ids = [d.strip() for d in (visible_gpus or "").split(",") if d.strip()]
+    if not ids:
+        return ["--num_gpus", str(world)]
+    if not all(d.isdigit() for d in ids):
+        raise UserError(f"CUDA_VISIBLE_DEVICES={visible_gpus}: the deepspeed launcher takes "
+                        "GPU indices (as nvidia-smi lists them), not UUIDs")
+    if len(ids) < world:
+        raise UserError(f"CUDA_VISIBLE_DEVICES={visible_gpus} shows {len(ids)} GPU(s), but "
+                        f"this run has {world} ranks")
+    return ["--include", "localhost:" + ",".join(ids[:world])]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    cfg: RunConfig
+    world: int
+    run_id: str
+    not_applicable: str | None  # the reason, when the grid cannot be formed
+    device_type: str | None     # cpu / cuda; None when not applicable
+
+
+def prepare(config_path: str | None, overrides: list[str], ranks: int | None = None,
+            fault_spec: str | None = None) -> Prepared:
+    """Everything checked before anything starts; UserError (exit 2) for bad input.
+
+    `fault_spec` (GPTBENCH_FAULT) is checked against this run's ranks when given."""
     cfg = load_config(config_path, overrides)
     world = ranks or cfg.topology.world_size or 1
+    fault = faults.parse(fault_spec)
+    if fault is not None and fault.rank >= world:
+        raise UserError(f"{faults.ENV}: rank={fault.rank}, but this run has {world} rank(s) "
+                        f"(0..{world - 1})")
     try:
         plan = resolve(cfg, world)
-        return cfg, world, plan.run_id, None
     except NotApplicable as e:
-        return cfg, world, run_id_for(cfg, world), str(e)
+        return Prepared(cfg, world, run_id_for(cfg, world), str(e), None)
+    check_dataset(cfg, plan.model_dims["vocab_size"], plan.grid.dp)
+    return Prepared(cfg, world, plan.run_id, None, plan.device.type)
+
+
+def check_dataset(cfg, vocab_size: int, dp: int) -> None:
+    """Read the whole dataset once here, so a bad line is exit 2 naming `file:line`, not a
+    failed run: token ids within the vocabulary, prompts readable by the model's tokenizer."""
+    from gptbench import datasets
+    from gptbench.runplan import workload_samples
+
+    path = cfg.workload.dataset
+    if path is None:
+        return
+    if _holds_token_ids(path):
+        datasets.load_samples(path, vocab_size)
+    else:
+        datasets.load_prompts(path)
+    try:
+        workload_samples(cfg, vocab_size, dp)
+    except (OSError, ValueError) as e:  # the tokenizer of model.name cannot be loaded
+        raise UserError(f"workload.dataset: {path} holds prompts, but the tokenizer of "
+                        f"model.name '{cfg.model.name}' cannot be loaded "
+                        f"({str(e).splitlines()[0][:200]}); use a token-id samples file "
+                        f"(gptbench datasets make)") from None
+
+
+def _holds_token_ids(path: str) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    return '"input_ids"' in first
 
 
 def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
-        log_path: str | None = None, env: dict | None = None) -> dict:
-    """Launch one configuration; returns its record (also written under output_dir/runs)."""
-    cfg, world, run_id, na_reason = prepare(config_path, overrides, ranks)
+        log_path: str | None = None, env: dict | None = None,
+        check_fault_rank: bool = True) -> dict:
+    """Launch one configuration; returns its record (also written under output_dir/runs).
+
+    `check_fault_rank=False` (suites) lets GPTBENCH_FAULT name a rank this run lacks."""
+    env = {**os.environ, **(env or {})}
+    fault_spec = env.get(faults.ENV) or None
+    faults.parse(fault_spec)
+    p = prepare(config_path, overrides, ranks, fault_spec if check_fault_rank else None)
+    cfg, world, run_id = p.cfg, p.world, p.run_id
     path = results.run_path(cfg.output_dir, run_id)
-    overrides = list(overrides) + [f"run_id={run_id}"]
-    if na_reason:
+    if p.not_applicable:
         record = results.skeleton(cfg, world)
-        record.update(run_id=run_id, status="not_applicable", error=na_reason)
-        record["null_reasons"]["metrics"] = "not applicable: " + na_reason
+        record.update(run_id=run_id, status="not_applicable", error=p.not_applicable)
+        record["null_reasons"]["metrics"] = "not applicable: " + p.not_applicable
         results.write_json_atomic(path, record)
         return record
+    visible = env.get("CUDA_VISIBLE_DEVICES") if p.device_type == "cuda" else None
+    cmd = deepspeed_command(config_path, list(overrides) + [f"run_id={run_id}"], world, visible)
     _clear_previous(cfg.output_dir, run_id, world)
-    cmd = deepspeed_command(config_path, overrides, world)
     started = time.time()
     log = open(log_path, "w", encoding="utf-8") if log_path else None
-    proc = subprocess.Popen(cmd, stdout=log or None, stderr=subprocess.STDOUT if log else None,
-                            start_new_session=True, env={**os.environ, **(env or {})})
-    timed_out = False
+    proc = None
     try:
-        proc.wait(timeout=cfg.timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        stop(proc)
-    except BaseException:
-        stop(proc)
+        proc = subprocess.Popen(cmd, stdout=log or None,
+                                stderr=subprocess.STDOUT if log else None,
+                                start_new_session=True, env=env)
+        timed_out = False
+        try:
+            proc.wait(timeout=cfg.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        stop(proc)  # also after a normal exit: no rank outlives its launcher
+    except BaseException:  # Ctrl-C, SIGTERM: stop the ranks, drop the partial record
+        if proc is not None:
+            stop(proc)
+        _drop_unfinished(path)
         raise
     finally:
         if log:
@@ -85,18 +167,68 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     return finalize(cfg, run_id, world, proc.returncode, timed_out, time.time() - started)
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM to the launcher's whole process group, SIGKILL after `grace_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def group_members(pgid: int) -> list[psutil.Process]:
+    """The live (not zombie) processes of process group `pgid`."""
+    out = []
+    for p in psutil.process_iter():
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return out
+
+
+def stop(proc: subprocess.Popen, grace_s: float = GRACE_S) -> None:
+    """End the launcher's whole process group: SIGTERM, then SIGKILL after `grace_s`.
+
+    Ranks can outlive the launcher (reparented), so the group is searched, not only the
+    launcher waited for. Ctrl-C and SIGTERM are ignored meanwhile: a second Ctrl-C must not
+    leave ranks behind."""
+    previous = _ignore_signals()
+    try:
+        members = group_members(proc.pid)
+        if proc.poll() is None or members:
+            for p in members:
+                _signal(p, signal.SIGTERM)
+            _, alive = psutil.wait_procs(members, timeout=grace_s)
+            for p in alive + group_members(proc.pid):
+                _signal(p, signal.SIGKILL)
+            psutil.wait_procs(alive, timeout=grace_s)
         try:
             proc.wait(timeout=grace_s)
-            return
         except subprocess.TimeoutExpired:
-            continue
+            proc.kill()
+            proc.wait()
+    finally:
+        _restore_signals(previous)
+
+
+def _signal(p: psutil.Process, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.Error:
+        pass
+
+
+def _ignore_signals() -> dict:
+    try:
+        return {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals are not ours to handle there
+        return {}
+
+
+def _restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _drop_unfinished(path: str) -> None:
+    """An interrupted run's record (a rank's `failed` written on the way down) is removed;
+    a record that is already `ok` was finished and is kept."""
+    record = results.read_record(path)
+    if record is not None and record.get("status") != "ok":
+        os.unlink(path)
 
 
 def _clear_previous(output_dir: str, run_id: str, world: int) -> None:
@@ -105,15 +237,13 @@ def _clear_previous(output_dir: str, run_id: str, world: int) -> None:
     if os.path.exists(path):
         keep = os.path.join(output_dir, "runs", ".previous")
         os.makedirs(keep, exist_ok=True)
-        os.replace(path, os.path.join(keep, f"{run_id}.{int(time.time())}.json"))
+        os.replace(path, os.path.join(keep, f"{run_id}.{time.time_ns()}.json"))
     for rank in range(world):
         if os.path.exists(error_path(output_dir, run_id, rank)):
             os.unlink(error_path(output_dir, run_id, rank))
 
 
 def _rank_errors(output_dir: str, run_id: str, world: int) -> dict[int, dict]:
-    import json
-
     out = {}
     for rank in range(world):
         try:
@@ -124,21 +254,25 @@ def _rank_errors(output_dir: str, run_id: str, world: int) -> dict[int, dict]:
     return out
 
 
+def _clean(line: str) -> str:
+    return SOURCE_LOCATION.sub("", line)
+
+
 def blame(errors: dict[int, dict], world: int) -> tuple[int | None, str, str]:
     """(failing rank, status, one-line error) from what the ranks reported."""
     causes = {r: e for r, e in errors.items() if not WAITING.search(e["error"])}
     if causes:
         rank = min(causes)
-        return rank, causes[rank]["status"], f"rank {rank}: {causes[rank]['error']}"
+        return rank, causes[rank]["status"], f"rank {rank}: {_clean(causes[rank]['error'])}"
     silent = [r for r in range(world) if r not in errors]
     if errors and silent:
         waiter = min(errors)
         return (silent[0], "failed",
                 f"rank {silent[0]} stopped responding; rank {waiter} gave up waiting for it: "
-                f"{errors[waiter]['error']}")
+                f"{_clean(errors[waiter]['error'])}")
     if errors:
         rank = min(errors)
-        return rank, errors[rank]["status"], f"rank {rank}: {errors[rank]['error']}"
+        return rank, errors[rank]["status"], f"rank {rank}: {_clean(errors[rank]['error'])}"
     return None, "failed", "no rank reported an error"
 
 
@@ -153,8 +287,11 @@ def finalize(cfg, run_id: str, world: int, returncode: int | None, timed_out: bo
         record = results.skeleton(cfg, world)
         record["run_id"] = run_id
     if timed_out:
+        silent = [r for r in range(world) if r not in errors]
         record.update(status="timeout", failed_rank=None,
-                      error=f"the run exceeded timeout_s={cfg.timeout_s:g} s and was stopped")
+                      error=f"the run exceeded timeout_s={cfg.timeout_s:g} s and was stopped "
+                            f"(no error from rank(s) {', '.join(map(str, silent)) or 'none'}; "
+                            f"see engine.comm_timeout_s)")
     else:
         rank, status, line = blame(errors, world)
         if not errors:
@@ -167,4 +304,3 @@ def finalize(cfg, run_id: str, world: int, returncode: int | None, timed_out: bo
                                        if e.get("cuda_memory")}
     results.write_json_atomic(path, record)
     return record
-

@@ -139,6 +139,9 @@ def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
     if w.input_len + w.output_len > dims["n_positions"]:
         raise UserError(f"workload.input_len + workload.output_len = {w.input_len + w.output_len} "
                         f"exceeds the model's {dims['n_positions']} positions")
+    if t.pipe_topology == "PipeDataParallelTopology" and grid.tp > 1:
+        raise UserError(f"topology.pipe_topology: PipeDataParallelTopology has no model axis "
+                        f"for tp={grid.tp}; use PipeModelDataParallelTopology or auto")
     if grid.pp == 1 and t.micro_batches not in (None, 1):
         raise UserError(f"topology.micro_batches={t.micro_batches} applies to pipelines only "
                         f"({cfg.strategy} has pp=1)")

@@ -125,7 +125,8 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["topology"].update(micro_batches=plan.micro_batches,
                               heads_per_tp_rank=info.get("heads_per_tp_rank"),
                               stage_layers=info.get("stage_layers"),
-                              params_per_rank=[r["params"] for r in ranks])
+                              params_per_rank=[r["params"] for r in ranks],
+                              pipe_topology=info.get("pipe_topology"))
     record["workload"]["dtype"] = str(plan.dtype).replace("torch.", "")
     record["engine"]["threads_per_rank"] = torch.get_num_threads()
     record["engine"]["shm_allreduce"] = any(r["shm_allreduce"] for r in ranks)

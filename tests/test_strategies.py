@@ -30,6 +30,7 @@ RUNS = {
     "pp2-m2": (2, ["strategy=pp", "topology.micro_batches=2"]),
     "pp2-m4": (2, ["strategy=pp", "topology.micro_batches=4"]),
     "pp2dp2": (4, ["strategy=pp", "topology.pp=2"]),
+    "pp2dp2-model-topo": (4, ["strategy=pp", "topology.pipe_topology=PipeModelDataParallelTopology"]),
     "full": (4, ["strategy=full", "topology.tp=2", "topology.pp=2"]),
 }
 COMMON = ["workload.output_len=6", "workload.num_samples=4", "workload.iterations=1",
@@ -88,6 +89,12 @@ def test_pipeline_stages_own_disjoint_layers_covering_all(records):
         stages = records[run_id]["topology"]["stage_layers"]
         assert stages[0][0] == 0 and stages[-1][1] == n_layers
         assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(stages, stages[1:]))
+
+
+def test_both_pipeline_topology_classes_used(records):
+    assert records["pp2dp2"]["topology"]["pipe_topology"] == "PipeDataParallelTopology"
+    assert records["pp2dp2-model-topo"]["topology"]["pipe_topology"] == "PipeModelDataParallelTopology"
+    assert records["full"]["topology"]["pipe_topology"] == "PipeModelDataParallelTopology"
 
 
 def test_kv_cache_decodes_one_token_per_step(records):

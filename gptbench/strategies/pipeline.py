@@ -89,11 +89,11 @@ class HeadLayer(nn.Module):
         return self.state.timed(lambda: self.lm_head(self.ln_f(hidden[:, -1:, :]))[:, -1, :])
 
 
-def _topology(grid):
+def _topology(grid, choice: str):
     from deepspeed.runtime.pipe.topology import (PipeDataParallelTopology,
                                                  PipeModelDataParallelTopology)
 
-    if grid.tp > 1:
+    if grid.tp > 1 or choice == "PipeModelDataParallelTopology":
         return PipeModelDataParallelTopology(num_pp=grid.pp, num_mp=grid.tp, num_dp=grid.dp)
     return PipeDataParallelTopology(num_pp=grid.pp, num_dp=grid.dp)
 
@@ -155,7 +155,8 @@ def build(ctx: RankContext) -> PipelineGenerator:
     model.config._attn_implementation = "sdpa"  # see BlockLayer: the causal mask comes from SDPA
     state = PipeState(model.config, ctx.device)
     net = PipelineModule(layers=_layer_specs(model, state), loss_fn=None,
-                         topology=_topology(grid), dynamic_shape=True,
+                         topology=_topology(grid, cfg.topology.pipe_topology),
+                         dynamic_shape=True,
                          partition_method=cfg.topology.partition_method)
     m = ctx.info["micro_batches"]
     ds_config = {
@@ -172,6 +173,7 @@ def build(ctx: RankContext) -> PipelineGenerator:
     parts = net.parts  # layer boundaries per stage: stage s owns [parts[s], parts[s+1])
     ctx.info["stage_layers"] = [[int(parts[s]), int(parts[s + 1])] for s in range(grid.pp)]
     ctx.info["pipe_state"] = state
+    ctx.info["pipe_topology"] = type(net._topo).__name__
     p, d, t = grid.coords(ctx.rank)
     pipe_ranks = [grid.rank(s, d, t) for s in range(grid.pp)]
     pipe_group = engine.grid.get_pipe_parallel_group()
