@@ -2,21 +2,24 @@
 
 POINT is load, prefill or decode (the first time that rank reaches it); KIND is crash (an
 exception), hang (sleep until killed) or oom (the device's out-of-memory error: a real
-CUDA OOM on GPUs, torch.OutOfMemoryError raised on CPU).
+CUDA OOM on GPUs, torch.OutOfMemoryError raised on CPU). The rank says on stderr what it
+injects, so a log shows that the fault fired (a hang is otherwise silent).
+
+`gptbench run` and `gptbench suite` check the spec before anything starts (exit 2).
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
-
-import torch
 
 from gptbench.errors import UserError
 
 POINTS = ("load", "prefill", "decode")
 KINDS = ("crash", "hang", "oom")
 ENV = "GPTBENCH_FAULT"
+FIELDS = ("rank", "at", "kind")
 
 
 @dataclass(frozen=True)
@@ -27,43 +30,61 @@ class Fault:
 
 
 def parse(spec: str | None) -> Fault | None:
-    if not spec:
+    """The fault of a GPTBENCH_FAULT value; None when unset or empty."""
+    if spec is None or not spec.strip():
         return None
-    try:
-        fields = dict(part.split("=", 1) for part in spec.split(","))
-        fault = Fault(rank=int(fields.pop("rank")), at=fields.pop("at"), kind=fields.pop("kind"))
-    except (KeyError, ValueError):
-        raise UserError(f"{ENV}='{spec}': expected rank=R,at=POINT,kind=KIND") from None
-    if fields:
-        raise UserError(f"{ENV}: unknown field '{next(iter(fields))}'")
-    if fault.at not in POINTS:
-        raise UserError(f"{ENV}: at='{fault.at}' is not one of {', '.join(POINTS)}")
-    if fault.kind not in KINDS:
-        raise UserError(f"{ENV}: kind='{fault.kind}' is not one of {', '.join(KINDS)}")
-    return fault
+    fields = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise UserError(f"{ENV}='{spec}': '{part.strip()}' is not key=value "
+                            f"(expected rank=R,at={'|'.join(POINTS)},kind={'|'.join(KINDS)})")
+        if key not in FIELDS:
+            raise UserError(f"{ENV}='{spec}': unknown field '{key}' (allowed: {', '.join(FIELDS)})")
+        fields[key] = value
+    missing = [k for k in FIELDS if k not in fields]
+    if missing:
+        raise UserError(f"{ENV}='{spec}': missing '{missing[0]}' (expected rank=R,at=POINT,kind=KIND)")
+    if not fields["rank"].isdigit():
+        raise UserError(f"{ENV}: rank='{fields['rank']}' is not a rank number (0, 1, ...)")
+    if fields["at"] not in POINTS:
+        raise UserError(f"{ENV}: at='{fields['at']}' is not one of {', '.join(POINTS)}")
+    if fields["kind"] not in KINDS:
+        raise UserError(f"{ENV}: kind='{fields['kind']}' is not one of {', '.join(KINDS)}")
+    return Fault(rank=int(fields["rank"]), at=fields["at"], kind=fields["kind"])
 
 
 class Injector:
     """`injector(point)` fails this rank the first time it reaches the chosen point."""
 
-    def __init__(self, fault: Fault | None, rank: int, device: torch.device):
+    def __init__(self, fault: Fault | None, rank: int, device):
         self.fault = fault if fault is not None and fault.rank == rank else None
+        self.rank = rank
         self.device = device
 
     def __call__(self, point: str) -> None:
         if self.fault is None or point != self.fault.at:
             return
         kind, self.fault = self.fault.kind, None
+        print(f"gptbench: rank {self.rank}: {ENV}: injecting {kind} at {point}",
+              file=sys.stderr, flush=True)
         if kind == "crash":
             raise RuntimeError(f"injected crash at {point} ({ENV})")
         if kind == "hang":
             while True:
                 time.sleep(3600)
+        import torch
+
+        message = f"injected out of memory at {point} ({ENV})"
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            torch.empty(free * 2, dtype=torch.uint8, device=self.device)  # a real CUDA OOM
-        raise torch.OutOfMemoryError(f"injected out of memory at {point} ({ENV})")
+            try:
+                torch.empty(free * 2, dtype=torch.uint8, device=self.device)  # a real CUDA OOM
+            except torch.OutOfMemoryError as e:
+                raise torch.OutOfMemoryError(f"{message}: {e}") from e
+        raise torch.OutOfMemoryError(message)
 
 
-def from_env(rank: int, device: torch.device) -> Injector:
+def from_env(rank: int, device) -> Injector:
     return Injector(parse(os.environ.get(ENV)), rank, device)

@@ -41,6 +41,8 @@ def deepspeed_command(config_path: str | None, overrides: list[str], world: int,
     exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     if not os.path.exists(exe):
         exe = shutil.which("deepspeed") or exe
+    if not os.path.exists(exe):
+        raise UserError(f"the deepspeed launcher is not installed ({exe}); run: make install")
     from gptbench.worker import _free_port
 
     cmd = [exe, *device_args(world, visible_gpus), "--master_port", str(_free_port()), ENTRY]
@@ -159,7 +161,7 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     except BaseException:  # Ctrl-C, SIGTERM: stop the ranks, drop the partial record
         if proc is not None:
             stop(proc)
-        _drop_unfinished(path)
+        drop_unfinished(path)
         raise
     finally:
         if log:
@@ -223,7 +225,7 @@ def _restore_signals(previous: dict) -> None:
         signal.signal(sig, handler)
 
 
-def _drop_unfinished(path: str) -> None:
+def drop_unfinished(path: str) -> None:
     """An interrupted run's record (a rank's `failed` written on the way down) is removed;
     a record that is already `ok` was finished and is kept."""
     record = results.read_record(path)

@@ -201,18 +201,19 @@ def apply_baseline(record: dict, candidates: list[dict]) -> dict:
 
 
 def read_record(path: str) -> dict | None:
-    """The gptbench.run/1 record at `path`, or None if missing, corrupt or foreign."""
+    """The run record at `path`, or None if missing, corrupt or foreign."""
+    from gptbench.report.load import read_run
+
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        return read_run(path)
+    except ValueError:
         return None
-    return data if isinstance(data, dict) and data.get("schema") == SCHEMA else None
 
 
-def load_records(runs_dir: str) -> list[dict]:
-    """Every readable record in `runs_dir`; the report names the ones it skips."""
-    if not os.path.isdir(runs_dir):
+def load_records(output_dir: str) -> list[dict]:
+    """Every readable record in `output_dir/runs`; the report names the ones it skips."""
+    if not os.path.isdir(os.path.join(output_dir, "runs")):
         return []
-    paths = sorted(os.path.join(runs_dir, n) for n in os.listdir(runs_dir) if n.endswith(".json"))
-    return [r for r in map(read_record, paths) if r is not None]
+    from gptbench.report.load import load_runs
+
+    return load_runs(output_dir)[0]

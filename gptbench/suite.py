@@ -10,18 +10,21 @@ Suite YAML:
 
 Every configuration is validated before the first one starts. A failed, out-of-memory,
 timed-out or not-applicable configuration is recorded and the suite goes on. Ctrl-C or
-SIGTERM stops the run in flight (its partial record is removed) and keeps every finished
-record; `--resume` continues. Without `--resume`, earlier results in the output folder are
-moved aside to `<output_dir>.prev-<time>`, never overwritten.
+SIGTERM stops the run in flight (every rank of it; its partial record is removed), keeps
+every finished record and exits 130 (143 for SIGTERM); `--resume` skips every configuration
+that has a record (of any status) and runs the rest. Without `--resume` (and without
+`--only`), earlier results in the output folder are moved aside to
+`<output_dir>.prev-<time>`, never overwritten.
 """
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
-from gptbench import launcher, results
+from gptbench import faults, launcher, results
 from gptbench.config import read_yaml
 from gptbench.errors import UserError
 
@@ -74,6 +77,8 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
     for key in ("base", "runs"):
         if key not in data:
             raise UserError(f"{path}: missing suite key '{key}'")
+    if not isinstance(data["base"], str):
+        raise UserError(f"{path}: base must be the path of a benchmark config, got {data['base']!r}")
     base = os.path.join(os.path.dirname(path), data["base"])
     if not os.path.isfile(base):
         raise UserError(f"{path}: base config not found: {base}")
@@ -106,13 +111,33 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
     return Suite(str(data.get("title") or os.path.basename(path)), out, base, tuple(runs))
 
 
+def check(suite: Suite, path: str) -> None:
+    """Every configuration (and GPTBENCH_FAULT) checked before anything starts."""
+    spec = os.environ.get(faults.ENV) or None
+    fault = faults.parse(spec)
+    most = max(r.ranks for r in suite.runs)
+    if fault is not None and fault.rank >= most:
+        raise UserError(f"{faults.ENV}: rank={fault.rank}, but no run of {path} has more than "
+                        f"{most} rank(s)")
+    for r in suite.runs:
+        try:
+            launcher.prepare(suite.base, list(r.overrides), r.ranks)
+        except UserError as e:
+            raise UserError(f"{path}: run '{r.run_id}': {e}") from None
+
+
 def _set_aside(output_dir: str) -> str | None:
+    """Earlier results move to `<output_dir>.prev-<time>[-n]`, never overwritten."""
     runs = os.path.join(output_dir, "runs")
-    if os.path.isdir(runs) and any(n.endswith(".json") for n in os.listdir(runs)):
-        aside = f"{output_dir.rstrip('/')}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(output_dir, aside)
-        return aside
-    return None
+    if not (os.path.isdir(runs) and any(n.endswith(".json") for n in os.listdir(runs))):
+        return None
+    stem = f"{os.path.normpath(output_dir)}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = stem, 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{stem}-{n}"
+    os.rename(output_dir, aside)
+    return aside
 
 
 class _Terminated(Exception):
@@ -128,8 +153,7 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
     from tqdm import tqdm
 
     suite = load_suite(path, output_dir, only, overrides)
-    for r in suite.runs:  # every configuration checked before anything starts
-        launcher.prepare(suite.base, list(r.overrides), r.ranks)
+    check(suite, path)
     if not resume and not only:
         aside = _set_aside(suite.output_dir)
         if aside:
@@ -148,17 +172,18 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
             current = path_r
             bar.set_postfix_str(f"{r.run_id} running")
             record = launcher.run(suite.base, list(r.overrides), ranks=r.ranks,
-                                  log_path=os.path.join(suite.output_dir, "logs", f"{r.run_id}.log"))
+                                  log_path=os.path.join(suite.output_dir, "logs", f"{r.run_id}.log"),
+                                  check_fault_rank=False)
             current = None
             done += 1
             bar.write(_line(record))
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, _Terminated) as e:
         bar.close()
-        if current and os.path.exists(current):
-            os.unlink(current)  # the interrupted run is rerun by --resume
+        if current:
+            launcher.drop_unfinished(current)  # the interrupted run is rerun by --resume
         print(f"gptbench: interrupted; finished records kept in {suite.output_dir}/runs; "
-              f"continue with: gptbench suite {path} --resume")
-        return 130
+              f"continue with: gptbench suite {path} --resume", file=sys.stderr, flush=True)
+        return 143 if isinstance(e, _Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     bar.close()
@@ -180,8 +205,7 @@ def _line(record: dict) -> str:
 
 def _refresh_baselines(output_dir: str) -> None:
     """Speedup needs the one-rank run, which may have been recorded after the others."""
-    runs_dir = os.path.join(output_dir, "runs")
-    records = results.load_records(runs_dir)
+    records = results.load_records(output_dir)
     for record in records:
         if record.get("status") == "ok" and record["metrics"].get("speedup") is None:
             results.apply_baseline(record, records)

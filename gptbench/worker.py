@@ -138,8 +138,7 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["parity"] = results.aggregate_parity(ranks)
     if record["parity"] is None:
         reasons["parity"] = "parity check disabled (parity.enabled: false)"
-    runs_dir = os.path.join(plan.cfg.output_dir, "runs")
-    results.apply_baseline(record, results.load_records(runs_dir))
+    results.apply_baseline(record, results.load_records(plan.cfg.output_dir))
     record["wall_s"] = time.time() - started
     results.write_json_atomic(results.run_path(plan.cfg.output_dir, plan.run_id), record)
     return record
@@ -181,6 +180,8 @@ def main(argv=None) -> int:
     try:
         inject = faults.from_env(rank, plan.device)
         torch.set_num_threads(plan.threads)
+        if plan.device.type == "cuda":
+            torch.cuda.set_device(plan.device)  # NCCL binds each rank to its own GPU
         init_distributed(plan, rank, world, local_size)
         mine, info = run_rank(plan, rank, inject)
         gathered = [None] * world if rank == 0 else None

@@ -229,9 +229,9 @@ def test_failed_run_gets_no_baseline():
 
 def test_write_json_atomic_round_trips(tmp_path):
     path = str(tmp_path / "runs" / "a.json")
-    results.write_json_atomic(path, {"schema": results.SCHEMA, "x": [1, 2.5, None]})
-    assert json.load(open(path, encoding="utf-8")) == {"schema": results.SCHEMA,
-                                                       "x": [1, 2.5, None]}
+    record = {"schema": results.SCHEMA, "run_id": "a", "status": "ok", "x": [1, 2.5, None]}
+    results.write_json_atomic(path, record)
+    assert json.load(open(path, encoding="utf-8")) == record
     assert results.read_record(path)["x"] == [1, 2.5, None]
     assert os.listdir(tmp_path / "runs") == ["a.json"]
 
@@ -246,8 +246,10 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 
 
 def test_read_record_skips_corrupt_and_foreign_files(tmp_path):
-    (tmp_path / "half.json").write_text('{"schema": "gptbench.run/1", "run', encoding="utf-8")
-    (tmp_path / "other.json").write_text('{"schema": "other/1"}', encoding="utf-8")
-    good = {"schema": results.SCHEMA, "run_id": "g"}
-    results.write_json_atomic(str(tmp_path / "good.json"), good)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "half.json").write_text('{"schema": "gptbench.run/1", "run', encoding="utf-8")
+    (runs / "other.json").write_text('{"schema": "other/1"}', encoding="utf-8")
+    good = {"schema": results.SCHEMA, "run_id": "g", "status": "ok"}
+    results.write_json_atomic(str(runs / "good.json"), good)
     assert [r["run_id"] for r in results.load_records(str(tmp_path))] == ["g"]

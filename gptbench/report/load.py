@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 
 from gptbench.errors import UserError
-
-RUN_SCHEMA = "gptbench.run/1"
-STATUSES = ("ok", "failed", "oom", "timeout", "not_applicable")
+from gptbench.results import SCHEMA as RUN_SCHEMA
+from gptbench.results import STATUSES
 # The order configurations are read in: more ranks last, simplest strategy first.
 STRATEGY_ORDER = ("pure_data_parallel", "tensor_data_hybrid", "pipeline_data_hybrid", "full_model_parallel")
 
