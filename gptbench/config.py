@@ -161,6 +161,26 @@ def parse_overrides(pairs: list[str]) -> dict:
     return tree
 
 
+def override_pairs(mapping, where: str) -> list[str]:
+    """{"workload": {"batch_size": 4}, "strategy": "tp"} -> ["workload.batch_size=4", "strategy=tp"]."""
+    if mapping is None:
+        return []
+    if not isinstance(mapping, dict):
+        raise UserError(f"{where}: expected a mapping of key: value overrides")
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out += [f"{key}.{pair}" for pair in override_pairs(value, where)]
+        else:
+            out.append(f"{key}={_yaml_scalar(value)}")
+    return out
+
+
+def _yaml_scalar(value) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True)  # "tp\n...\n" for a plain scalar
+    return text.removesuffix("...\n").strip()
+
+
 def _merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():

@@ -82,6 +82,8 @@ def prepare(config_path: str | None, overrides: list[str], ranks: int | None = N
     """Everything checked before anything starts; UserError (exit 2) for bad input.
 
     `fault_spec` (GPTBENCH_FAULT) is checked against this run's ranks when given."""
+    if ranks is not None and ranks < 1:
+        raise UserError(f"--ranks: must be positive, got {ranks}")
     cfg = load_config(config_path, overrides)
     world = ranks or cfg.topology.world_size or 1
     fault = faults.parse(fault_spec)

@@ -73,6 +73,13 @@ def skeleton(cfg, world_size: int, grid=None, model=None, env=None) -> dict:
     }
 
 
+def not_applicable(cfg, world_size: int, run_id: str, reason: str) -> dict:
+    record = skeleton(cfg, world_size)
+    record.update(run_id=run_id, status="not_applicable", error=reason)
+    record["null_reasons"]["metrics"] = "not applicable: " + reason
+    return record
+
+
 def _ms(seconds: list[float]) -> dict:
     return summarize([s * 1e3 for s in seconds])
 

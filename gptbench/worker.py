@@ -29,6 +29,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="launch/run.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=False)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--sweep", metavar="FILE", help="YAML 'runs:' list of override mappings "
+                   "to run one after the other in these processes (same number of ranks)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -162,49 +164,68 @@ def fail(cfg: RunConfig, run_id: str, world: int, rank: int, exc: BaseException)
         results.write_json_atomic(path, record)
 
 
+def _variants(args) -> list[list[str]]:
+    """The override lists to run: one, or one per entry of a --sweep file."""
+    if not args.sweep:
+        return [args.set]
+    from gptbench.config import override_pairs, read_yaml
+
+    runs = read_yaml(args.sweep).get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise UserError(f"{args.sweep}: expected 'runs:', a non-empty list of override mappings")
+    return [args.set + override_pairs(v, f"{args.sweep}: runs[{i}]") for i, v in enumerate(runs)]
+
+
+def _plans(args, rank: int, world: int, local_rank: int, local_size: int) -> list[RunPlan]:
+    """Resolved plans; a not-applicable variant is recorded (by rank 0) and left out."""
+    plans = []
+    for sets in _variants(args):
+        cfg = load_config(args.config, sets)
+        try:
+            plans.append(resolve(cfg, world, local_rank, local_size))
+        except NotApplicable as e:
+            if rank == 0:
+                run_id = run_id_for(cfg, world)
+                results.write_json_atomic(results.run_path(cfg.output_dir, run_id),
+                                          results.not_applicable(cfg, world, run_id, str(e)))
+                print(f"gptbench: {run_id}: not applicable: {e}", flush=True)
+    return plans
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, local_rank, local_size = dist_env()
-    started = time.time()
     try:
-        cfg = load_config(args.config, args.set)
-        plan = resolve(cfg, world, local_rank, local_size)
-    except NotApplicable as e:
-        if rank == 0:
-            plan_record_na(args, world, str(e))
-        return 0
+        plans = _plans(args, rank, world, local_rank, local_size)
     except UserError as e:
         if rank == 0:
             print(f"gptbench: error: {e}", file=sys.stderr)
         return 2
+    if not plans:
+        return 0
+    plan = plans[0]
     try:
         inject = faults.from_env(rank, plan.device)
         torch.set_num_threads(plan.threads)
         if plan.device.type == "cuda":
             torch.cuda.set_device(plan.device)  # NCCL binds each rank to its own GPU
         init_distributed(plan, rank, world, local_size)
-        mine, info = run_rank(plan, rank, inject)
-        gathered = [None] * world if rank == 0 else None
-        torch.distributed.gather_object(mine, gathered, dst=0)
-        if rank == 0:
-            record = write_record(plan, gathered, info, started)
-            print(f"gptbench: {plan.run_id}: {record['metrics']['throughput_tokens_per_s']:.1f} "
-                  f"tokens/s, parity {'ok' if (record['parity'] or {}).get('passed') else 'see record'}"
-                  f" -> {results.run_path(cfg.output_dir, plan.run_id)}", flush=True)
+        for plan in plans:  # a --sweep runs its variants one after the other, same ranks
+            started = time.time()
+            mine, info = run_rank(plan, rank, inject)
+            gathered = [None] * world if rank == 0 else None
+            torch.distributed.gather_object(mine, gathered, dst=0)
+            if rank == 0:
+                record = write_record(plan, gathered, info, started)
+                passed = (record["parity"] or {}).get("passed")
+                print(f"gptbench: {plan.run_id}: "
+                      f"{record['metrics']['throughput_tokens_per_s']:.1f} tokens/s, parity "
+                      f"{'ok' if passed else 'see record'} -> "
+                      f"{results.run_path(plan.cfg.output_dir, plan.run_id)}", flush=True)
         torch.distributed.barrier()
         return 0
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then we leave
-        fail(cfg, plan.run_id, world, rank, exc)
+        fail(plan.cfg, plan.run_id, world, rank, exc)
         print(f"gptbench: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr,
               flush=True)
         os._exit(3 if isinstance(exc, torch.OutOfMemoryError) else 1)
-
-
-def plan_record_na(args, world: int, reason: str) -> None:
-    cfg = load_config(args.config, args.set)
-    run_id = run_id_for(cfg, world)
-    record = results.skeleton(cfg, world)
-    record.update(run_id=run_id, status="not_applicable", error=reason)
-    record["null_reasons"]["metrics"] = "not applicable: " + reason
-    results.write_json_atomic(results.run_path(cfg.output_dir, run_id), record)
-    print(f"gptbench: {run_id}: not applicable: {reason}", flush=True)

@@ -3,13 +3,16 @@ computes what the single-process Hugging Face model computes.
 
 Each configuration runs once (module fixture) through the `deepspeed` launcher; every rank
 compares its greedy tokens with `GPT2LMHeadModel.generate` of the same weights and, where
-it holds them, its logits (the record's `parity` block).
+it holds them, its logits (the record's `parity` block). The configurations of one world
+size share one launch (`launch/run.py --sweep`): process start-up dominates on 2 cores.
 """
 import os
+import subprocess
 
 import pytest
+import yaml
 
-from gptbench import launcher
+from gptbench import launcher, results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,17 +44,23 @@ COMMON = ["workload.output_len=6", "workload.num_samples=4", "workload.iteration
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("strategies")
-    got = {}
-    for run_id, (ranks, sets) in RUNS.items():
-        got[run_id] = launcher.run(CONFIG, COMMON + sets + [f"output_dir={out}", f"run_id={run_id}"],
-                                   ranks=ranks, log_path=str(out / f"{run_id}.log"))
-    return got
+    for ranks in sorted({r for r, _ in RUNS.values()}):
+        variants = [{"run_id": run_id, **{k: yaml.safe_load(v) for k, v in
+                                         (pair.split("=", 1) for pair in sets)}}
+                    for run_id, (r, sets) in RUNS.items() if r == ranks]
+        sweep = out / f"sweep{ranks}.yaml"
+        sweep.write_text(yaml.safe_dump({"runs": variants}), encoding="utf-8")
+        cmd = launcher.deepspeed_command(CONFIG, COMMON + [f"output_dir={out}"], ranks)
+        with open(out / f"sweep{ranks}.log", "w") as log:
+            subprocess.run(cmd + ["--sweep", str(sweep)], stdout=log, stderr=subprocess.STDOUT,
+                           timeout=900, check=False)
+    return {run_id: results.read_record(results.run_path(str(out), run_id)) for run_id in RUNS}
 
 
 @pytest.mark.parametrize("run_id", [k for k in RUNS if k != "tp2-bf16"])
 def test_fp32_tokens_equal_hugging_face_on_every_rank(records, run_id):
     r = records[run_id]
-    assert r["status"] == "ok", r["error"]
+    assert r is not None and r["status"] == "ok", r and r["error"]
     p = r["parity"]
     assert p["ranks_checked"] == r["topology"]["world_size"]
     assert all(p["ranks_tokens_match"]), p

@@ -1,0 +1,213 @@
+"""Bad input is refused before anything starts: exit code 2, one line on stderr naming the
+key, file or line at fault, no traceback, nothing written in the output folder.
+
+Most cases call `gptbench.cli.main` in-process (the same code path as the command, without
+paying the imports again); a few run the real command in a subprocess to prove the exit
+code and the absence of a traceback end to end.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gptbench import cli, launcher
+from gptbench.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "deepspeed_configs")
+FIXTURE_SUITE = os.path.join(ROOT, "tests", "fixtures", "suite")
+GOOD_SAMPLES = "\n".join(json.dumps({"input_ids": list(range(i, i + 32))}) for i in range(8))
+
+SUITE = """\
+title: bad
+base: tiny.yaml
+runs:
+  - {id: a, ranks: 1}
+"""
+
+# id: (files to write {name: text}, argv after `gptbench`, extra env, text stderr must hold)
+CASES = {
+    "unknown-strategy": ({}, ["run", "--config", "tiny.yaml", "--set", "strategy=zero"], {},
+                         "strategy: 'zero'"),
+    "unknown-top-key": ({"c.yaml": "colour: red\n"}, ["run", "--config", "c.yaml"], {},
+                        "'colour'"),
+    "unknown-nested-key": ({}, ["run", "--config", "tiny.yaml", "--set", "workload.batchsize=4"],
+                           {}, "'workload.batchsize'"),
+    "string-for-int": ({}, ["run", "--config", "tiny.yaml", "--set", "workload.batch_size=four"],
+                       {}, "workload.batch_size: expected int"),
+    "bool-for-int": ({}, ["run", "--config", "tiny.yaml", "--set", "workload.output_len=true"],
+                     {}, "workload.output_len: expected int"),
+    "zero-batch": ({}, ["run", "--config", "tiny.yaml", "--set", "workload.batch_size=0"], {},
+                   "workload.batch_size: must be positive"),
+    "negative-input-len": ({}, ["run", "--config", "tiny.yaml", "--set", "workload.input_len=-3"],
+                           {}, "workload.input_len: must be positive"),
+    "zero-ranks": ({}, ["run", "--config", "tiny.yaml", "--ranks", "0"], {}, "--ranks"),
+    "tp-not-dividing-world": ({}, ["run", "--config", "tiny.yaml", "--ranks", "4", "--set",
+                                   "strategy=tp", "--set", "topology.tp=3"], {},
+                              "topology.tp=3 does not divide world_size=4"),
+    "tp-over-heads": ({}, ["run", "--config", "tiny.yaml", "--ranks", "8", "--set", "strategy=tp",
+                           "--set", "topology.tp=8"], {}, "topology.tp=8 exceeds the model's n_head=5"),
+    "pp-over-blocks": ({}, ["run", "--config", "tiny.yaml", "--ranks", "8", "--set", "strategy=pp",
+                            "--set", "topology.pp=8"], {}, "topology.pp=8 exceeds the model's 4 blocks"),
+    "batch-vs-micro-batches": ({}, ["run", "--config", "tiny.yaml", "--ranks", "2", "--set",
+                                    "strategy=pp", "--set", "topology.micro_batches=3"], {},
+                               "topology.micro_batches=3"),
+    "samples-vs-batch": ({}, ["run", "--config", "tiny.yaml", "--set", "workload.num_samples=6"],
+                         {}, "workload.num_samples (6)"),
+    "beyond-positions": ({}, ["run", "--config", "tiny.yaml", "--set", "workload.input_len=500",
+                              "--set", "workload.output_len=20"], {},
+                         "exceeds the model's 512 positions"),
+    "kernel-inject-uneven-heads": ({}, ["run", "--config", "tiny.yaml", "--ranks", "2", "--set",
+                                        "strategy=tp", "--set", "engine.kernel_inject=true"], {},
+                                   "engine.kernel_inject"),
+    "cuda-graph-with-tp": ({}, ["run", "--config", "tiny.yaml", "--ranks", "2", "--set",
+                                "strategy=tp", "--set", "engine.cuda_graph=true"], {},
+                           "engine.cuda_graph"),
+    "fp16-on-cpu": ({}, ["run", "--config", "tiny.yaml", "--set", "workload.dtype=float16"], {},
+                    "workload.dtype: float16"),
+    "world-size-vs-ranks": ({}, ["run", "--config", "tiny.yaml", "--ranks", "2", "--set",
+                                 "topology.world_size=4"], {}, "topology.world_size=4"),
+    "bad-run-id": ({}, ["run", "--config", "tiny.yaml", "--set", "run_id=a/b"], {}, "run_id"),
+    "set-without-value": ({}, ["run", "--config", "tiny.yaml", "--set", "workload.batch_size"],
+                          {}, "--set expects key=value"),
+    "missing-config": ({}, ["run", "--config", "nope.yaml"], {}, "nope.yaml"),
+    "malformed-yaml": ({"bad.yaml": "strategy: dp\nworkload:\n  batch_size: [4\n  input_len: 3\n"},
+                       ["run", "--config", "bad.yaml"], {}, "bad.yaml:4: not valid YAML"),
+    "missing-dataset": ({}, ["run", "--config", "tiny.yaml", "--set", "workload.dataset=gone.jsonl"],
+                        {}, "workload.dataset: file not found: gone.jsonl"),
+    "malformed-dataset-line": ({"x.jsonl": '{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c"\n'},
+                               ["run", "--config", "tiny.yaml", "--set", "workload.dataset=x.jsonl"],
+                               {}, "x.jsonl:3"),
+    "token-id-outside-vocab": ({"ids.jsonl": json.dumps({"input_ids": [1] * 32}) + "\n"
+                                + json.dumps({"input_ids": [1] * 31 + [512]}) + "\n"},
+                               ["run", "--config", "tiny.yaml", "--set", "workload.dataset=ids.jsonl"],
+                               {}, "ids.jsonl:2: token id 512"),
+    "too-few-samples": ({"few.jsonl": GOOD_SAMPLES.splitlines()[0] + "\n"},
+                        ["run", "--config", "tiny.yaml", "--set", "workload.dataset=few.jsonl"],
+                        {}, "few.jsonl holds 1 samples"),
+    "prompts-without-tokenizer": ({"p.jsonl": '{"prompt": "hello"}\n'},
+                                  ["run", "--config", "tiny.yaml", "--set", "workload.dataset=p.jsonl"],
+                                  {}, "tokenizer of model.name 'tiny'"),
+    "suite-missing-base": ({"s.yaml": SUITE.replace("tiny.yaml", "absent.yaml")},
+                           ["suite", "s.yaml"], {}, "base config not found"),
+    "suite-unknown-key": ({"s.yaml": SUITE + "colour: red\n"}, ["suite", "s.yaml"], {},
+                          "unknown suite key 'colour'"),
+    "suite-unknown-run-key": ({"s.yaml": SUITE + "  - {id: b, rank: 2}\n"}, ["suite", "s.yaml"],
+                              {}, "runs[1]: unknown key 'rank'"),
+    "suite-duplicate-ids": ({"s.yaml": SUITE + "  - {id: a, ranks: 2}\n"}, ["suite", "s.yaml"],
+                            {}, "duplicate id 'a'"),
+    "suite-bad-override": ({"s.yaml": SUITE + "  - {id: b, ranks: 2, set: {workload.bogus: 1}}\n"},
+                           ["suite", "s.yaml"], {}, "run 'b': unknown config key 'workload.bogus'"),
+    "suite-only-unknown": ({"s.yaml": SUITE}, ["suite", "s.yaml", "--only", "zz"], {},
+                           "--only: no run 'zz'"),
+    "compare-unknown-metric": ({}, ["compare", FIXTURE_SUITE, FIXTURE_SUITE, "--fail-on",
+                                    "speed_of_light:5"], {}, "speed_of_light"),
+    "fault-bad-kind": ({}, ["run", "--config", "tiny.yaml"],
+                       {"GPTBENCH_FAULT": "rank=0,at=decode,kind=explode"}, "kind='explode'"),
+    "fault-not-key-value": ({}, ["run", "--config", "tiny.yaml"], {"GPTBENCH_FAULT": "crash"},
+                            "GPTBENCH_FAULT='crash'"),
+    "fault-missing-field": ({}, ["run", "--config", "tiny.yaml"],
+                            {"GPTBENCH_FAULT": "rank=1,at=load"}, "missing 'kind'"),
+    "fault-rank-out-of-range": ({}, ["run", "--config", "tiny.yaml", "--ranks", "2"],
+                                {"GPTBENCH_FAULT": "rank=5,at=load,kind=crash"}, "rank=5"),
+    "suite-fault-rank-out-of-range": ({"s.yaml": SUITE}, ["suite", "s.yaml"],
+                                      {"GPTBENCH_FAULT": "rank=1,at=load,kind=crash"}, "rank=1"),
+}
+# The end-to-end subset: the real command in its own process.
+SUBPROCESS = ("unknown-strategy", "malformed-yaml", "malformed-dataset-line", "fault-bad-kind",
+              "suite-duplicate-ids", "tp-over-heads")
+
+
+def _workdir(tmp_path, files: dict):
+    """A folder holding tiny.yaml (output_dir: out), good samples and the case's files."""
+    text = open(os.path.join(CONFIGS, "tiny-cpu.yaml"), encoding="utf-8").read()
+    text = text.replace("output_dir: reports/tiny-cpu", "output_dir: out")
+    assert "output_dir: out" in text
+    (tmp_path / "tiny.yaml").write_text(text, encoding="utf-8")
+    (tmp_path / "good.jsonl").write_text(GOOD_SAMPLES + "\n", encoding="utf-8")
+    for name, body in files.items():
+        (tmp_path / name).write_text(body, encoding="utf-8")
+    return tmp_path
+
+
+def _check(case: str, code: int, err: str, tmp_path) -> None:
+    needle = CASES[case][3]
+    assert code == 2, err
+    assert needle in err, f"{needle!r} not in {err!r}"
+    assert "Traceback" not in err
+    assert err.startswith("gptbench: error: ") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists(), "something was written for bad input"
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - set(SUBPROCESS)))
+def test_refused_in_process(case, tmp_path, monkeypatch, capsys):
+    files, argv, env, _ = CASES[case]
+    _workdir(tmp_path, files)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GPTBENCH_FAULT", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code = cli.main(argv)
+    _check(case, code, capsys.readouterr().err, tmp_path)
+
+
+@pytest.mark.parametrize("case", SUBPROCESS)
+def test_refused_by_the_command(case, tmp_path):
+    files, argv, env, _ = CASES[case]
+    _workdir(tmp_path, files)
+    full_env = {k: v for k, v in os.environ.items() if k != "GPTBENCH_FAULT"}
+    full_env.update(env, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "gptbench.cli", *argv], cwd=tmp_path,
+                          env=full_env, capture_output=True, text=True, timeout=120)
+    _check(case, proc.returncode, proc.stderr, tmp_path)
+    assert proc.stdout == ""
+
+
+def test_the_good_workdir_is_accepted(tmp_path, monkeypatch):
+    """The cases above fail for their own fault: the same folder, fixed, passes validation."""
+    _workdir(tmp_path, {})
+    monkeypatch.chdir(tmp_path)
+    for sets, ranks in ((["workload.dataset=good.jsonl"], 1), (["strategy=tp"], 4),
+                        (["strategy=pp", "topology.micro_batches=2"], 2)):
+        p = launcher.prepare("tiny.yaml", sets, ranks, fault_spec="rank=0,at=decode,kind=hang")
+        assert p.not_applicable is None and p.device_type == "cpu"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_suite_is_checked_whole_before_it_starts(tmp_path, monkeypatch, capsys):
+    """The bad run is the last one: nothing of the good first one may have started."""
+    _workdir(tmp_path, {"s.yaml": SUITE + "  - {id: b, ranks: 2, set: {strategy: tp, topology.tp: 3}}\n"})
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["suite", "s.yaml", "--output-dir", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "run 'b'" in err and "topology.tp=3" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_visible_devices_are_honoured():
+    """DeepSpeed's runner drops CUDA_VISIBLE_DEVICES when given --num_gpus: name them instead."""
+    assert launcher.device_args(2, None) == ["--num_gpus", "2"]
+    assert launcher.device_args(2, "") == ["--num_gpus", "2"]
+    assert launcher.device_args(2, "2,3,5") == ["--include", "localhost:2,3"]
+    with pytest.raises(UserError, match="shows 1 GPU"):
+        launcher.device_args(2, "3")
+    with pytest.raises(UserError, match="not UUIDs"):
+        launcher.device_args(1, "GPU-8f3c")
+
+
+def test_malformed_yaml_names_its_line(tmp_path, monkeypatch, capsys):
+    body = textwrap.dedent("""\
+        strategy: dp
+        model:
+          name: tiny
+          weights: random
+        workload: {batch_size: 4
+        """)
+    _workdir(tmp_path, {"m.yaml": body})
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "--config", "m.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "m.yaml:6" in err or "m.yaml:5" in err, err
