@@ -75,15 +75,14 @@ def apply_tp(model, tp: int, group, ranks: list[int], dtype: torch.dtype,
 
     head_dim = model.config.n_embd // model.config.n_head
     if kernel_inject:
-        engine = deepspeed.init_inference(
+        return deepspeed.init_inference(
             model, dtype=dtype, replace_with_kernel_inject=True,
-            tensor_parallel={"tp_size": tp, "tp_group": group}, mpu=TPMpu(group, ranks))
-        return engine
+            tensor_parallel={"tp_size": tp, "tp_group": group, "mpu": TPMpu(group, ranks)})
     cls = apply_linear_blocks(model)
     engine = deepspeed.init_inference(
         model, dtype=dtype, injection_policy={cls: ("attn.c_proj", "mlp.c_proj")},
-        tensor_parallel={"tp_size": tp, "tp_group": group, "tp_grain_size": head_dim},
-        mpu=TPMpu(group, ranks))
+        tensor_parallel={"tp_size": tp, "tp_group": group, "tp_grain_size": head_dim,
+                         "mpu": TPMpu(group, ranks)})
     for block in model.transformer.h:
         block.attn.split_size = block.attn.c_attn.weight.shape[0] // 3
     return engine
