@@ -1,0 +1,97 @@
+"""What `resolve` decides before any process starts: device, dtype, micro-batches, and the
+GPU option matrix (kernel injection, CUDA graphs, hf_eager), each refusal naming its key."""
+import re
+
+import pytest
+import torch
+
+from gptbench.config import config_from_dict
+from gptbench.errors import NotApplicable, UserError
+from gptbench.runplan import resolve, select_device, select_dtype
+
+TINY = {"model": {"name": "tiny", "weights": "random", "preset": "tiny"},
+        "workload": {"batch_size": 4, "input_len": 16, "output_len": 4, "num_samples": 4}}
+
+
+def cfg(**over):
+    data = {k: dict(v) for k, v in TINY.items()}
+    for dotted, value in over.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            data.setdefault(section, {})[key] = value
+        else:
+            data[section] = value
+    return config_from_dict(data)
+
+
+def test_cpu_defaults():
+    plan = resolve(cfg(engine__device="cpu"), 1)
+    assert plan.device == torch.device("cpu")
+    assert plan.dtype == torch.float32          # auto on CPU
+    assert plan.micro_batches == 1
+    assert plan.run_id == "1r-dp-tp1-pp1"
+
+
+def test_micro_batches_default_to_pp_and_must_divide_the_batch():
+    assert resolve(cfg(strategy="pp"), 2).micro_batches == 2
+    assert resolve(cfg(strategy="pp", topology__micro_batches=4), 2).micro_batches == 4
+    with pytest.raises(UserError, match="micro_batches=3"):
+        resolve(cfg(strategy="pp", topology__micro_batches=3), 2)
+    with pytest.raises(UserError, match="pipelines only"):
+        resolve(cfg(strategy="tp", topology__micro_batches=2), 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_device_selection_without_a_gpu():
+    assert select_device(cfg(), 0) == torch.device("cpu")               # auto
+    with pytest.raises(UserError, match="engine.device: cuda requested"):
+        select_device(cfg(engine__device="cuda"), 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_selection_with_gpus():
+    n = torch.cuda.device_count()
+    assert select_device(cfg(), n - 1) == torch.device("cuda", n - 1)  # one GPU per local rank
+    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES"):
+        select_device(cfg(), n)
+
+
+def test_dtype_selection():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert select_dtype(cfg(), gpu) == torch.float16                   # auto on CUDA
+    assert select_dtype(cfg(workload__dtype="bfloat16"), cpu) == torch.bfloat16
+    with pytest.raises(UserError, match="workload.dtype: float16 is refused"):
+        select_dtype(cfg(workload__dtype="float16"), cpu)
+
+
+@pytest.mark.parametrize("over,ranks,key", [
+    (dict(engine__kernel_inject=True, strategy="tp", topology__tp=2), 2, "n_head % tp"),
+    (dict(engine__cuda_graph=True, strategy="tp"), 2, "tp=2 > 1"),
+    (dict(engine__cuda_graph=True), 1, "needs engine.kernel_inject"),
+    (dict(engine__kernel_inject=True, strategy="pp"), 2, "PipelineModule"),
+    (dict(engine__kernel_inject=True, engine__device="cpu"), 1, "CUDA-only"),
+    (dict(engine__backend="hf_eager", strategy="tp"), 2, "engine.backend"),
+    (dict(engine__backend="hf_eager", engine__kernel_inject=True), 1, "engine.backend"),
+    (dict(topology__pipe_topology="PipeDataParallelTopology", strategy="full"), 4, "model axis"),
+    (dict(topology__world_size=2), 4, "topology.world_size=2"),
+    (dict(workload__input_len=500, workload__output_len=20), 1, "512 positions"),
+])
+def test_option_matrix_refusals(over, ranks, key):
+    with pytest.raises(UserError, match=re.escape(key)) as e:
+        resolve(cfg(**over), ranks)
+    assert not isinstance(e.value, NotApplicable)
+
+
+def test_kernel_injection_is_allowed_where_heads_divide():
+    # 5 heads at tp=1: validation passes up to the device check (this machine has no GPU).
+    c = cfg(engine__kernel_inject=True, engine__device="cuda")
+    if torch.cuda.is_available():
+        assert resolve(c, 1).cfg.engine.kernel_inject
+    else:
+        with pytest.raises(UserError, match="engine.device"):
+            resolve(c, 1)
+
+
+def test_full_model_parallel_on_two_ranks_is_not_applicable():
+    with pytest.raises(NotApplicable, match="at least 4 ranks"):
+        resolve(cfg(strategy="full"), 2)
