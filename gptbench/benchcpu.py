@@ -7,9 +7,12 @@ whether or not a target is met (1 only when nothing could be measured).
    `pure_data_parallel` strategy's generator, i.e. `CachedLM` of the plain Hugging Face
    model) against a bare `model.generate` loop (greedy, min_new_tokens = max_new_tokens,
    so both make exactly output_len tokens) on the same model, batches and thread count.
-   The arms alternate within each repeat (their order rotates), and
-   `overhead_ratio` = median over repeats of gptbench tokens/s / bare tokens/s, so slow
-   drift of a shared machine hits both sides of each ratio. Target: >= 0.97. The DeepSpeed
+   Each unit is one batch; the arms run back to back on the same batch, in rotating
+   order, `repeats` times over the batches, and `overhead_ratio` = median over these pairs
+   of gptbench tokens/s / bare tokens/s, so a shared machine's drift hits both sides of
+   each ratio. Target: >= 0.97. `overhead_ratio_cpu_time` is the same with this process's
+   CPU seconds (immune to other processes taking the cores; exact with one thread, the
+   config's engine.threads). The DeepSpeed
    `InferenceEngine` arm (`init_inference`, tp_size=1, gloo, world of one) runs the same
    way when DeepSpeed initialises in-process, else it is skipped with the reason.
 2. Scaling: deepspeed_configs/bench-cpu.yaml through the `deepspeed` launcher, one torch
@@ -46,24 +49,25 @@ SCALING_RUNS = (
 
 # ---- overhead: one process, three arms ---------------------------------------------------
 
-def bare_tokens_per_s(model, batches: list[torch.Tensor], output_len: int) -> float:
-    """Plain Hugging Face generation of exactly `output_len` greedy tokens per sequence."""
-    start = time.perf_counter()
-    tokens = 0
-    for ids in batches:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=output_len, min_new_tokens=output_len)
-        tokens += out[:, ids.shape[1]:].numel()  # (B, output_len)
-    return tokens / (time.perf_counter() - start)
+def bare_unit(model, ids: torch.Tensor, output_len: int) -> tuple[int, float, float]:
+    """(tokens, wall s, CPU s) of plain Hugging Face generation of exactly `output_len`
+    greedy tokens per sequence."""
+    cpu, start = time.process_time(), time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=output_len, min_new_tokens=output_len)
+    wall = time.perf_counter() - start
+    return out[:, ids.shape[1]:].numel(), wall, time.process_time() - cpu  # (B, output_len)
 
 
-def gptbench_tokens_per_s(gen, batches: list[torch.Tensor], output_len: int) -> float:
-    """One timed iteration of the worker's loop (no other ranks: the barrier is a no-op)."""
+def gptbench_unit(gen, ids: torch.Tensor, output_len: int) -> tuple[int, float, float]:
+    """(tokens, wall s, CPU s) of one timed iteration of the worker's loop over one batch
+    (no other ranks: the barrier is a no-op); the wall time is the worker's own."""
     from gptbench import runner
 
-    timing = runner.run_timed(gen, batches, output_len, iterations=1, warmup=0,
+    cpu = time.process_time()
+    timing = runner.run_timed(gen, [ids], output_len, iterations=1, warmup=0,
                               barrier=runner.no_sync)
-    return timing.generated_tokens / timing.timed_wall_s
+    return timing.generated_tokens, timing.timed_wall_s, time.process_time() - cpu
 
 
 def same_tokens(model, gen, ids: torch.Tensor, output_len: int) -> bool:
@@ -147,42 +151,56 @@ def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
     else:
         skipped["gptbench_deepspeed"] = "not requested (with_deepspeed=False)"
 
-    timers = {"bare_hf_generate": lambda: bare_tokens_per_s(model, batches, w.output_len)}
+    units = {"bare_hf_generate": lambda ids: bare_unit(model, ids, w.output_len)}
     for name, gen in gens.items():
-        timers[name] = lambda gen=gen: gptbench_tokens_per_s(gen, batches, w.output_len)
+        units[name] = lambda ids, gen=gen: gptbench_unit(gen, ids, w.output_len)
+    names = list(units)
+    wall = {name: [] for name in names}  # tokens per wall second, one per (repeat, batch)
+    cpu = {name: [] for name in names}   # tokens per CPU second of this process
     with torch.no_grad():
         tokens_match = {name: same_tokens(model, gen, batches[0], w.output_len)
                         for name, gen in gens.items()}
-        for timer in timers.values():  # warm-up: allocator, thread pool, first-call paths
-            timer()
-        samples = {name: [] for name in timers}
-        names = list(timers)
-        for r in range(repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                samples[name].append(timers[name]())
-    return overhead_block(samples, tokens_match, skipped, plan, model)
+        for name in names:  # warm-up: allocator, thread pool, first-call paths
+            units[name](batches[0])
+        # One batch per unit, arms back to back, order rotating: a pair of units sees
+        # the same machine state even when other processes come and go.
+        for i in range(repeats * len(batches)):
+            ids = batches[i % len(batches)]
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                tokens, wall_s, cpu_s = units[name](ids)
+                wall[name].append(tokens / wall_s)
+                cpu[name].append(tokens / cpu_s if cpu_s > 0 else None)
+    if "gptbench_deepspeed" in gens and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # the world of one is done
+    return overhead_block({"wall": wall, "cpu": cpu}, tokens_match, skipped, plan, model)
 
 
-def overhead_block(samples: dict[str, list[float]], tokens_match: dict[str, bool],
-                   skipped: dict[str, str], plan, model) -> dict:
+def overhead_block(samples: dict, tokens_match: dict[str, bool], skipped: dict[str, str],
+                   plan, model) -> dict:
+    """`samples`: {"wall": {arm: [tokens/s]}, "cpu": {arm: [tokens/CPU-s]}}, paired by index."""
     from gptbench.models import model_info
 
     w, m = plan.cfg.workload, plan.cfg.model
-    bare = samples["bare_hf_generate"]
+    wall, cpu = samples["wall"], samples["cpu"]
     arms = {}
     for name in ARMS:
-        if name not in samples:
+        if name not in wall:
             arms[name] = {"tokens_per_s": None, "skipped": skipped.get(name)}
             continue
-        arms[name] = {"tokens_per_s_median": statistics.median(samples[name]),
-                      "tokens_per_s": samples[name],
+        arms[name] = {"tokens_per_s_median": statistics.median(wall[name]),
+                      "tokens_per_s": wall[name],
+                      "tokens_per_cpu_s": cpu[name],
                       "tokens_match_bare": tokens_match.get(name)}
         if name != "bare_hf_generate":
-            arms[name]["ratio_to_bare"] = paired_ratio(samples[name], bare)
+            arms[name]["ratio_to_bare"] = paired_ratio(wall[name], wall["bare_hf_generate"])
+            arms[name]["cpu_time_ratio_to_bare"] = paired_ratio(cpu[name],
+                                                                cpu["bare_hf_generate"])
     info = model_info(model, m.name, m.weights)
     return {
-        "method": "interleaved repeats, rotating order; ratio = median over repeats of "
-                  "arm tokens/s / bare tokens/s of the same repeat",
+        "method": "one batch per unit, arms back to back in rotating order; ratio = median "
+                  "over pairs of arm tokens/s / bare tokens/s (wall clock); the CPU-time "
+                  "ratio uses this process's CPU seconds instead (robust to other processes "
+                  "taking the cores, exact only with 1 thread)",
         "model": {"name": info.name, "preset": m.preset, "weights": info.weights,
                   "params": info.params, "n_layer": info.n_layer, "n_head": info.n_head,
                   "n_embd": info.n_embd, "vocab_size": info.vocab_size},
@@ -190,14 +208,16 @@ def overhead_block(samples: dict[str, list[float]], tokens_match: dict[str, bool
                      "batch_size": w.batch_size, "input_len": w.input_len,
                      "output_len": w.output_len, "batches": w.num_samples // w.batch_size},
         "threads": torch.get_num_threads(),
-        "repeats": len(bare),
+        "pairs": len(wall["bare_hf_generate"]),
         "arms": arms,
     }
 
 
-def paired_ratio(candidate: list[float], bare: list[float]) -> float:
-    """Median of per-repeat ratios: each pair was measured back to back."""
-    return statistics.median(c / b for c, b in zip(candidate, bare))
+def paired_ratio(candidate: list, bare: list) -> float | None:
+    """Median of per-pair ratios (each pair measured back to back); pairs with a missing
+    side are left out."""
+    ratios = [c / b for c, b in zip(candidate, bare) if c is not None and b]
+    return statistics.median(ratios) if ratios else None
 
 
 # ---- scaling: launcher runs ----------------------------------------------------------------
@@ -246,10 +266,12 @@ def measure_scaling(output_dir: str, config_path: str = CONFIG,
         log = os.path.join(output_dir, "logs", f"{name}-{ranks}r.log")
         os.makedirs(os.path.dirname(log), exist_ok=True)
         print(f"bench-cpu: {name} on {ranks} rank(s) ...", flush=True)
+        load = _load_avg()
         record = launcher.run(config_path, sets, ranks=ranks, log_path=log)
         if name == "baseline":
             baseline = record
         row = scaling_row(record, ranks, baseline)
+        row["load_avg_1m_at_start"] = load
         if name == "baseline":
             baseline_row = row
         else:
@@ -275,6 +297,7 @@ def build_report(overhead: dict | None, baseline: dict | None, scaling: dict,
         "overhead_ratio": ratio,
         "overhead_target": OVERHEAD_TARGET,
         "overhead_passed": ratio >= OVERHEAD_TARGET if ratio is not None else None,
+        "overhead_ratio_cpu_time": arms.get("gptbench_hf", {}).get("cpu_time_ratio_to_bare"),
         "overhead_ratio_deepspeed": ds.get("ratio_to_bare"),
         "overhead_deepspeed_skipped": ds.get("skipped"),
         "overhead": overhead,
@@ -298,20 +321,22 @@ def format_table(report: dict) -> str:
                      f"{o['model']['params'] / 1e6:.1f}M params, {o['workload']['dtype']}, "
                      f"batch {o['workload']['batch_size']}, {o['workload']['input_len']}->"
                      f"{o['workload']['output_len']} tokens x {o['workload']['batches']} "
-                     f"batches, {o['threads']} thread(s), {o['repeats']} repeats)")
+                     f"batches, {o['threads']} thread(s), {o['pairs']} paired batches)")
         lines.append(f"  {'arm':<22}{'tokens/s (median)':>19}{'ratio to bare':>15}"
-                     f"{'same tokens':>13}")
+                     f"{'CPU-time ratio':>16}{'same tokens':>13}")
         for name, arm in o["arms"].items():
             if arm.get("tokens_per_s") is None:
                 lines.append(f"  {name:<22}  skipped: {arm.get('skipped')}")
                 continue
             lines.append(f"  {name:<22}{arm['tokens_per_s_median']:>19.1f}"
                          f"{_fmt(arm.get('ratio_to_bare'), '.3f', '1'):>15}"
+                         f"{_fmt(arm.get('cpu_time_ratio_to_bare'), '.3f', '1'):>16}"
                          f"{_fmt(arm.get('tokens_match_bare'), '', 'ref'):>13}")
         ratio = report["overhead_ratio"]
         verdict = ("PASS" if report["overhead_passed"] else "BELOW TARGET") if ratio else "n/a"
         lines.append(f"  overhead_ratio {_fmt(ratio, '.3f')} (target >= "
-                     f"{report['overhead_target']}): {verdict}")
+                     f"{report['overhead_target']}): {verdict}; the arm medians are not "
+                     "paired, the ratios are")
     rows = dict(report.get("scaling") or {})
     if report.get("scaling_baseline"):
         rows = {"1 rank (baseline)": report["scaling_baseline"], **rows}
@@ -319,7 +344,7 @@ def format_table(report: dict) -> str:
         lines.append("")
         lines.append("scaling (deepspeed launcher, gloo, 1 thread per rank)")
         head = (f"  {'strategy':<22}{'ranks':>6}{'tokens/s':>10}{'speedup':>9}{'eff.':>7}"
-                f"{'comm':>7}{'bubble':>8}{'TPOT p50 ms':>13}{'parity':>8}  status")
+                f"{'comm':>7}{'bubble':>8}{'TPOT p50 ms':>13}{'cv':>7}{'parity':>8}  status")
         lines.append(head)
         for name, r in rows.items():
             bubble = r.get("bubble_fraction_measured")
@@ -328,6 +353,7 @@ def format_table(report: dict) -> str:
                 f"{_fmt(r['speedup'], '.2f'):>9}{_fmt(r['parallel_efficiency'], '.2f'):>7}"
                 f"{_fmt(r['comm_fraction'], '.1%'):>7}{_fmt(bubble, '.1%'):>8}"
                 f"{_fmt(r['tpot_ms_p50'], '.2f'):>13}"
+                f"{_fmt(r.get('throughput_cv_pct'), '.0f'):>6}%"
                 f"{_fmt(r['parity_passed'], ''):>8}  {r['status']}"
                 + (f": {r['error']}" if r.get("error") else ""))
     return "\n".join(lines)
@@ -354,17 +380,28 @@ def main(output_dir: str = "reports/bench-cpu", config_path: str = CONFIG,
     else:
         notes["scaling"] = "not run (scaling=False)"
     notes["load_avg_1m_after"] = _load_avg()
+    notes["load"] = load_note(notes["load_avg_1m_before"], os.cpu_count() or 1)
     report = build_report(overhead, baseline, rows, envinfo.collect_env(torch.device("cpu")),
                           time.time() - started, notes)
     path = os.path.join(output_dir, "bench.json")
     results.write_json_atomic(path, report)
     print()
     print(format_table(report))
-    print(f"\nload average (1 min) before/after: {notes['load_avg_1m_before']} / "
-          f"{notes['load_avg_1m_after']} on {os.cpu_count()} CPUs")
+    print(f"\n{notes['load']}")
     print(f"bench-cpu: wrote {path}")
     measured = overhead is not None or any(r["status"] == "ok" for r in rows.values())
     return 0 if measured else 1
+
+
+def load_note(load_before: float | None, cpus: int) -> str:
+    """Whether other work shared the CPUs: every number here assumes it did not."""
+    if load_before is None:
+        return "load average unknown: check that nothing else ran during the benchmark"
+    if load_before > 0.5:
+        return (f"WARNING: load average {load_before} on {cpus} CPUs before the benchmark: "
+                "other processes shared the cores, so timings (scaling most of all) are "
+                "noisy; rerun on an idle machine")
+    return f"load average {load_before} on {cpus} CPUs before the benchmark (idle)"
 
 
 def _load_avg() -> float | None:

@@ -34,8 +34,10 @@ def test_main_writes_bench_json_with_positive_overhead_numbers(tmp_path):
     assert isinstance(report["overhead_passed"], bool)
     arms = report["overhead"]["arms"]
     for name in ("bare_hf_generate", "gptbench_hf"):
-        assert len(arms[name]["tokens_per_s"]) == 2
+        assert len(arms[name]["tokens_per_s"]) == 4  # 2 repeats x 2 batches
         assert all(x > 0 for x in arms[name]["tokens_per_s"])
+        assert all(x is None or x > 0 for x in arms[name]["tokens_per_cpu_s"])
+    assert report["overhead_ratio_cpu_time"] > 0
     assert arms["gptbench_hf"]["tokens_match_bare"] is True
     assert arms["gptbench_deepspeed"]["tokens_per_s"] is None
     assert "with_deepspeed=False" in report["overhead_deepspeed_skipped"]
@@ -44,8 +46,10 @@ def test_main_writes_bench_json_with_positive_overhead_numbers(tmp_path):
     assert {"git_commit", "device_name", "torch"} <= set(report["env"])
 
 
-def test_paired_ratio_is_the_median_of_per_repeat_ratios():
+def test_paired_ratio_is_the_median_of_per_pair_ratios():
     assert benchcpu.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == 2.0
+    assert benchcpu.paired_ratio([None, 4.0, 9.0], [1.0, 2.0, 3.0]) == 2.5
+    assert benchcpu.paired_ratio([None], [1.0]) is None
 
 
 def test_scaling_row_speedup_and_efficiency_against_the_baseline():
@@ -71,7 +75,7 @@ def _report(ratio):
     overhead = {"model": {"preset": "tiny", "name": "tiny", "params": 4e5},
                 "workload": {"dtype": "float32", "batch_size": 2, "input_len": 8,
                              "output_len": 4, "batches": 1},
-                "threads": 1, "repeats": 3,
+                "threads": 1, "pairs": 3,
                 "arms": {"bare_hf_generate": {"tokens_per_s_median": 100.0, "tokens_per_s": [100.0]},
                          "gptbench_hf": {"tokens_per_s_median": 100.0 * ratio,
                                          "tokens_per_s": [100.0 * ratio],
@@ -91,3 +95,8 @@ def test_table_says_pass_or_below_target_and_names_every_row():
     assert "tensor_data_hybrid" in ok and "1 rank (baseline)" in ok
     assert "skipped: no deepspeed" in ok
     assert "0.45" in ok  # tp: 90/100 over 2 ranks
+
+
+def test_load_note_warns_when_other_work_shared_the_cpus():
+    assert benchcpu.load_note(2.5, 2).startswith("WARNING")
+    assert "idle" in benchcpu.load_note(0.1, 2)
