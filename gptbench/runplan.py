@@ -128,6 +128,24 @@ def select_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# DeepSpeed 0.19.8's GPT-2 kernel-injection container replaces GPT2Block with a layer that
+# speaks the `layer_past` tuple interface of transformers <= 4.51 and keeps its own KV
+# workspace; from 4.52 GPT-2 passes a Cache object and, in 5.x, expects a tensor back
+# (source reading in gptbench/gpucheck.py; not yet run on a GPU).
+KERNEL_INJECT_MAX_TRANSFORMERS = (4, 51)
+
+
+def _check_kernel_transformers() -> None:
+    import transformers
+
+    version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    if version > KERNEL_INJECT_MAX_TRANSFORMERS:
+        raise UserError(
+            f"engine.kernel_inject: DeepSpeed's GPT-2 kernels follow the transformers<=4.51 "
+            f"block interface (layer_past tuples); this environment has transformers "
+            f"{transformers.__version__}, whose GPT-2 passes a Cache object")
+
+
 def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
             local_size: int | None = None) -> RunPlan:
     t, w, e = cfg.topology, cfg.workload, cfg.engine
@@ -162,6 +180,8 @@ def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
                                     or e.kernel_inject or e.cuda_graph):
         raise UserError("engine.backend: hf_eager is the plain Hugging Face model: only with "
                         "pure_data_parallel and without kernel_inject/cuda_graph")
+    if e.kernel_inject:
+        _check_kernel_transformers()
     device = select_device(cfg, local_rank)
     if (e.kernel_inject or e.cuda_graph) and device.type != "cuda":
         raise UserError("engine.kernel_inject/cuda_graph: DeepSpeed's fused kernels are CUDA-only")

@@ -69,7 +69,6 @@ def test_dtype_selection():
     (dict(engine__cuda_graph=True, strategy="tp"), 2, "tp=2 > 1"),
     (dict(engine__cuda_graph=True), 1, "needs engine.kernel_inject"),
     (dict(engine__kernel_inject=True, strategy="pp"), 2, "PipelineModule"),
-    (dict(engine__kernel_inject=True, engine__device="cpu"), 1, "CUDA-only"),
     (dict(engine__backend="hf_eager", strategy="tp"), 2, "engine.backend"),
     (dict(engine__backend="hf_eager", engine__kernel_inject=True), 1, "engine.backend"),
     (dict(topology__pipe_topology="PipeDataParallelTopology", strategy="full"), 4, "model axis"),
@@ -82,10 +81,17 @@ def test_option_matrix_refusals(over, ranks, key):
     assert not isinstance(e.value, NotApplicable)
 
 
-def test_kernel_injection_is_allowed_where_heads_divide():
-    # 5 heads at tp=1: validation passes up to the device check (this machine has no GPU).
-    c = cfg(engine__kernel_inject=True, engine__device="cuda")
-    if torch.cuda.is_available():
+def test_kernel_injection_is_gated_on_the_transformers_interface():
+    import transformers
+
+    from gptbench.runplan import KERNEL_INJECT_MAX_TRANSFORMERS
+
+    c = cfg(engine__kernel_inject=True, engine__device="cuda")  # 5 heads at tp=1 divide
+    version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    if version > KERNEL_INJECT_MAX_TRANSFORMERS:
+        with pytest.raises(UserError, match="layer_past"):
+            resolve(c, 1)
+    elif torch.cuda.is_available():
         assert resolve(c, 1).cfg.engine.kernel_inject
     else:
         with pytest.raises(UserError, match="engine.device"):
