@@ -1,4 +1,5 @@
-"""Run one configuration as its own `deepspeed` launcher process and always end with a record.
+"""Run one configuration under DeepSpeed's launcher, in its own process group, and always
+end with a record.
 
 The config, the dataset and GPTBENCH_FAULT are validated here first (bad input: exit 2,
 nothing started, nothing written). The launcher runs in its own process group, so a
@@ -9,10 +10,11 @@ runs it again).
 """
 from __future__ import annotations
 
+import base64
+import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,14 +40,17 @@ GRACE_S = 10.0  # SIGTERM to SIGKILL
 
 def deepspeed_command(config_path: str | None, overrides: list[str], world: int,
                       visible_gpus: str | None = None) -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    if not os.path.exists(exe):
-        exe = shutil.which("deepspeed") or exe
-    if not os.path.exists(exe):
-        raise UserError(f"the deepspeed launcher is not installed ({exe}); run: make install")
+    """DeepSpeed's per-node launcher, `deepspeed.launcher.launch`, called as the `deepspeed`
+    command calls it on one machine. Calling it directly saves that command's own process
+    (~5 s of imports before any rank starts) and its handling of CUDA_VISIBLE_DEVICES."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("DeepSpeed is not installed in this Python; run: make install")
     from gptbench.worker import _free_port
 
-    cmd = [exe, *device_args(world, visible_gpus), "--master_port", str(_free_port()), ENTRY]
+    hosts = {"localhost": device_ids(world, visible_gpus)}
+    world_info = base64.urlsafe_b64encode(json.dumps(hosts).encode("utf-8")).decode("ascii")
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", ENTRY]
     if config_path:
         cmd += ["--config", config_path]
     for pair in overrides:
@@ -53,19 +58,18 @@ def deepspeed_command(config_path: str | None, overrides: list[str], world: int,
     return cmd
 
 
-def device_args(world: int, visible_gpus: str | None) -> list[str]:
-    """The runner's device selection. Given `--num_gpus` DeepSpeed drops CUDA_VISIBLE_DEVICES
-    and takes GPUs 0..N-1, so GPUs the user chose are named with `--include` instead."""
+def device_ids(world: int, visible_gpus: str | None) -> list:
+    """The device of each local rank; the launcher sets CUDA_VISIBLE_DEVICES to them.
+
+    The `deepspeed` command with `--num_gpus` drops CUDA_VISIBLE_DEVICES and takes GPUs
+    0..N-1; here the GPUs the user made visible are the ones used."""
     ids = [d.strip() for d in (visible_gpus or "").split(",") if d.strip()]
     if not ids:
-        return ["--num_gpus", str(world)]
-    if not all(d.isdigit() for d in ids):
-        raise UserError(f"CUDA_VISIBLE_DEVICES={visible_gpus}: the deepspeed launcher takes "
-                        "GPU indices (as nvidia-smi lists them), not UUIDs")
+        return list(range(world))
     if len(ids) < world:
         raise UserError(f"CUDA_VISIBLE_DEVICES={visible_gpus} shows {len(ids)} GPU(s), but "
                         f"this run has {world} ranks")
-    return ["--include", "localhost:" + ",".join(ids[:world])]
+    return [int(d) if d.isdigit() else d for d in ids[:world]]
 
 
 @dataclass(frozen=True)
@@ -102,15 +106,16 @@ def check_dataset(cfg, vocab_size: int, dp: int) -> None:
     """Read the whole dataset once here, so a bad line is exit 2 naming `file:line`, not a
     failed run: token ids within the vocabulary, prompts readable by the model's tokenizer."""
     from gptbench import datasets
-    from gptbench.runplan import workload_samples
+    from gptbench.runplan import _holds_token_ids as holds_token_ids, workload_samples
 
     path = cfg.workload.dataset
     if path is None:
         return
-    if _holds_token_ids(path):
-        datasets.load_samples(path, vocab_size)
-    else:
-        datasets.load_prompts(path)
+    if holds_token_ids(path):
+        datasets.load_samples(path, vocab_size)  # names file:line of a bad id
+        workload_samples(cfg, vocab_size, dp)    # enough samples of input_len tokens
+        return
+    datasets.load_prompts(path)
     try:
         workload_samples(cfg, vocab_size, dp)
     except (OSError, ValueError) as e:  # the tokenizer of model.name cannot be loaded
@@ -118,12 +123,6 @@ def check_dataset(cfg, vocab_size: int, dp: int) -> None:
                         f"model.name '{cfg.model.name}' cannot be loaded "
                         f"({str(e).splitlines()[0][:200]}); use a token-id samples file "
                         f"(gptbench datasets make)") from None
-
-
-def _holds_token_ids(path: str) -> bool:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first = next((line for line in f if line.strip()), "")
-    return '"input_ids"' in first
 
 
 def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
@@ -139,9 +138,7 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     cfg, world, run_id = p.cfg, p.world, p.run_id
     path = results.run_path(cfg.output_dir, run_id)
     if p.not_applicable:
-        record = results.skeleton(cfg, world)
-        record.update(run_id=run_id, status="not_applicable", error=p.not_applicable)
-        record["null_reasons"]["metrics"] = "not applicable: " + p.not_applicable
+        record = results.not_applicable(cfg, world, run_id, p.not_applicable)
         results.write_json_atomic(path, record)
         return record
     visible = env.get("CUDA_VISIBLE_DEVICES") if p.device_type == "cuda" else None
@@ -186,33 +183,25 @@ def group_members(pgid: int) -> list[psutil.Process]:
 def stop(proc: subprocess.Popen, grace_s: float = GRACE_S) -> None:
     """End the launcher's whole process group: SIGTERM, then SIGKILL after `grace_s`.
 
-    Ranks can outlive the launcher (reparented), so the group is searched, not only the
-    launcher waited for. Ctrl-C and SIGTERM are ignored meanwhile: a second Ctrl-C must not
-    leave ranks behind."""
+    Ranks can outlive the launcher (reparented), so the group is watched until it is
+    empty, not only the launcher waited for. Ctrl-C and SIGTERM are ignored meanwhile: a
+    second Ctrl-C must not leave ranks behind."""
     previous = _ignore_signals()
     try:
-        members = group_members(proc.pid)
-        if proc.poll() is None or members:
-            for p in members:
-                _signal(p, signal.SIGTERM)
-            _, alive = psutil.wait_procs(members, timeout=grace_s)
-            for p in alive + group_members(proc.pid):
-                _signal(p, signal.SIGKILL)
-            psutil.wait_procs(alive, timeout=grace_s)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if proc.poll() is not None and not group_members(proc.pid):
+                break
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace_s
+            while ((proc.poll() is None or group_members(proc.pid))
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
+        proc.wait()
     finally:
         _restore_signals(previous)
-
-
-def _signal(p: psutil.Process, sig: int) -> None:
-    try:
-        p.send_signal(sig)
-    except psutil.Error:
-        pass
 
 
 def _ignore_signals() -> dict:

@@ -94,15 +94,15 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
         bad = sorted(set(item) - RUN_KEYS)
         if bad:
             raise UserError(f"{where}: unknown key '{bad[0]}' (allowed: id, ranks, set)")
-        if item["id"] in seen:
-            raise UserError(f"{where}: duplicate id '{item['id']}'")
-        seen.add(item["id"])
+        run_id = str(item["id"])
+        if run_id in seen:
+            raise UserError(f"{where}: duplicate id '{run_id}'")
+        seen.add(run_id)
         ranks = item.get("ranks", 1)
         if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
             raise UserError(f"{where}: ranks must be a positive integer, got {ranks!r}")
-        runs.append(SuiteRun(str(item["id"]), ranks, tuple(
-            common + _pairs(item.get("set"), where)
-            + [f"output_dir={out}", f"run_id={item['id']}"])))
+        runs.append(SuiteRun(run_id, ranks, tuple(
+            common + _pairs(item.get("set"), where) + [f"output_dir={out}", f"run_id={run_id}"])))
     if only:
         missing = sorted(set(only) - seen)
         if missing:
@@ -166,8 +166,11 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
     try:
         for r in bar:
             path_r = results.run_path(suite.output_dir, r.run_id)
-            if resume and results.read_record(path_r) is not None:
-                bar.write(f"{r.run_id}: already recorded, skipped")
+            earlier = results.read_record(path_r) if resume else None
+            if earlier is not None:
+                redo = ("" if earlier["status"] in ("ok", "not_applicable")
+                        else f"; delete {path_r} to run it again")
+                bar.write(f"{r.run_id}: already recorded ({earlier['status']}), skipped{redo}")
                 continue
             current = path_r
             bar.set_postfix_str(f"{r.run_id} running")
@@ -181,8 +184,11 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
         bar.close()
         if current:
             launcher.drop_unfinished(current)  # the interrupted run is rerun by --resume
+        again = " ".join([f"gptbench suite {path} --resume"]
+                         + ([f"--output-dir {output_dir}"] if output_dir else [])
+                         + [f"--only {o}" for o in only or []] + [f"--set {o}" for o in overrides])
         print(f"gptbench: interrupted; finished records kept in {suite.output_dir}/runs; "
-              f"continue with: gptbench suite {path} --resume", file=sys.stderr, flush=True)
+              f"continue with: {again}", file=sys.stderr, flush=True)
         return 143 if isinstance(e, _Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -188,14 +188,14 @@ def test_a_suite_is_checked_whole_before_it_starts(tmp_path, monkeypatch, capsys
 
 
 def test_cuda_visible_devices_are_honoured():
-    """DeepSpeed's runner drops CUDA_VISIBLE_DEVICES when given --num_gpus: name them instead."""
-    assert launcher.device_args(2, None) == ["--num_gpus", "2"]
-    assert launcher.device_args(2, "") == ["--num_gpus", "2"]
-    assert launcher.device_args(2, "2,3,5") == ["--include", "localhost:2,3"]
+    """The `deepspeed --num_gpus` command drops CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1;
+    gptbench hands the launcher the GPUs the user made visible."""
+    assert launcher.device_ids(2, None) == [0, 1]
+    assert launcher.device_ids(2, "") == [0, 1]
+    assert launcher.device_ids(2, "2,3,5") == [2, 3]
+    assert launcher.device_ids(1, "GPU-8f3c,GPU-11aa") == ["GPU-8f3c"]
     with pytest.raises(UserError, match="shows 1 GPU"):
-        launcher.device_args(2, "3")
-    with pytest.raises(UserError, match="not UUIDs"):
-        launcher.device_args(1, "GPU-8f3c")
+        launcher.device_ids(2, "3")
 
 
 def test_malformed_yaml_names_its_line(tmp_path, monkeypatch, capsys):
