@@ -250,10 +250,10 @@ def _check_values(cfg: RunConfig) -> None:
     if w.num_samples % w.batch_size:
         raise UserError(f"workload.num_samples ({w.num_samples}) must be a multiple of "
                         f"workload.batch_size ({w.batch_size}): batches are never padded")
-    if cfg.parity.samples > w.batch_size:
+    if cfg.parity.enabled and cfg.parity.samples > w.batch_size:
         raise UserError(f"parity.samples ({cfg.parity.samples}) must be <= workload.batch_size "
                         f"({w.batch_size})")
-    if cfg.parity.tokens > w.output_len:
+    if cfg.parity.enabled and cfg.parity.tokens > w.output_len:
         raise UserError(f"parity.tokens ({cfg.parity.tokens}) must be <= workload.output_len "
                         f"({w.output_len})")
     if w.dataset is not None and not os.path.isfile(w.dataset):

@@ -106,7 +106,7 @@ def check_dataset(cfg, vocab_size: int, dp: int) -> None:
     """Read the whole dataset once here, so a bad line is exit 2 naming `file:line`, not a
     failed run: token ids within the vocabulary, prompts readable by the model's tokenizer."""
     from gptbench import datasets
-    from gptbench.runplan import _holds_token_ids as holds_token_ids, workload_samples
+    from gptbench.runplan import holds_token_ids, workload_samples
 
     path = cfg.workload.dataset
     if path is None:

@@ -19,19 +19,23 @@ SCHEMA = "gptbench.run/1"
 STATUSES = ("ok", "failed", "oom", "timeout", "not_applicable")
 
 
-def write_json_atomic(path: str, data: dict) -> None:
-    """Temporary file + rename: a killed process never leaves a half-written JSON."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+def write_atomic(path, data: bytes) -> None:
+    """Temporary file + rename: a killed process never leaves a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def run_path(output_dir: str, run_id: str) -> str:

@@ -45,7 +45,7 @@ class RunPlan:
         return [b.to(self.device) for b in shard.split(w.batch_size)]
 
 
-def _holds_token_ids(path: str) -> bool:
+def holds_token_ids(path: str) -> bool:
     """A samples file (`{"input_ids": [...]}` lines) rather than prompts to tokenize."""
     with open(path, encoding="utf-8") as f:
         first = next((line for line in f if line.strip()), "")
@@ -60,14 +60,11 @@ def workload_samples(cfg: RunConfig, vocab_size: int, dp: int) -> torch.Tensor:
     total = dp * w.num_samples
     if w.dataset is None:
         return datasets.make_samples(total, w.input_len, vocab_size, cfg.model.seed)
-    if _holds_token_ids(w.dataset):
-        ids = datasets.load_samples(w.dataset)
+    if holds_token_ids(w.dataset):
+        ids = datasets.load_samples(w.dataset, vocab_size)  # names a line with ids >= vocab
         if ids.shape[0] < total or ids.shape[1] < w.input_len:
             raise UserError(f"workload.dataset: {w.dataset} holds {ids.shape[0]} samples of "
                             f"{ids.shape[1]} tokens; this run needs {total} of {w.input_len}")
-        if int(ids.max()) >= vocab_size:
-            raise UserError(f"workload.dataset: {w.dataset} has token ids >= the model's "
-                            f"vocabulary ({vocab_size})")
         return ids[:total, :w.input_len]
     from gptbench.models import load_tokenizer
 

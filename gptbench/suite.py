@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from gptbench import faults, launcher, results
-from gptbench.config import read_yaml
+from gptbench.config import override_pairs, read_yaml
 from gptbench.errors import UserError
 
 SUITE_KEYS = {"title", "output_dir", "base", "set", "runs", "description"}
@@ -47,26 +47,6 @@ class Suite:
     runs: tuple[SuiteRun, ...]
 
 
-def _pairs(mapping, where: str) -> list[str]:
-    if mapping is None:
-        return []
-    if not isinstance(mapping, dict):
-        raise UserError(f"{where}: expected a mapping of key: value overrides")
-    out = []
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            out += [f"{key}.{p}" for p in _pairs(value, where)]
-        else:
-            out.append(f"{key}={'null' if value is None else _yaml_scalar(value)}")
-    return out
-
-
-def _yaml_scalar(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def load_suite(path: str, output_dir: str | None = None, only: list[str] | None = None,
                overrides: list[str] = ()) -> Suite:
     data = read_yaml(path)
@@ -83,7 +63,7 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
     if not os.path.isfile(base):
         raise UserError(f"{path}: base config not found: {base}")
     out = output_dir or data.get("output_dir") or f"reports/{os.path.splitext(os.path.basename(path))[0]}"
-    common = _pairs(data.get("set"), f"{path}: set") + list(overrides)
+    common = override_pairs(data.get("set"), f"{path}: set") + list(overrides)
     if not isinstance(data["runs"], list) or not data["runs"]:
         raise UserError(f"{path}: 'runs' must be a non-empty list")
     runs, seen = [], set()
@@ -102,7 +82,7 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
         if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
             raise UserError(f"{where}: ranks must be a positive integer, got {ranks!r}")
         runs.append(SuiteRun(run_id, ranks, tuple(
-            common + _pairs(item.get("set"), where) + [f"output_dir={out}", f"run_id={run_id}"])))
+            common + override_pairs(item.get("set"), where) + [f"output_dir={out}", f"run_id={run_id}"])))
     if only:
         missing = sorted(set(only) - seen)
         if missing:

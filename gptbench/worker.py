@@ -60,9 +60,14 @@ def init_distributed(plan: RunPlan, rank: int, world: int, local_size: int) -> N
     # DeepSpeed's CPU shm all-reduce ignores process groups: with tensor-parallel groups
     # smaller than the world its results are silently wrong (DESIGN.md). Keep it off.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    timeout = _dt.timedelta(seconds=plan.cfg.engine.comm_timeout_s)
+    # Groups made later (tensor-parallel groups, DeepSpeed's pipeline groups) take torch's
+    # default timeout (30 min), not the world's: a silent peer would hang them that long.
+    from torch.distributed import distributed_c10d
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(
-        dist_backend="nccl" if plan.device.type == "cuda" else "gloo",
-        timeout=_dt.timedelta(seconds=plan.cfg.engine.comm_timeout_s))
+        dist_backend="nccl" if plan.device.type == "cuda" else "gloo", timeout=timeout)
 
 
 def _free_port() -> int:
@@ -196,6 +201,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, local_rank, local_size = dist_env()
     try:
+        faults.parse(os.environ.get(faults.ENV))  # a bad spec is bad input, not a failed run
         plans = _plans(args, rank, world, local_rank, local_size)
     except UserError as e:
         if rank == 0:

@@ -4,10 +4,12 @@ Every number is formatted here; the templates only place prepared strings."""
 
 import base64
 import csv
+import io
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from gptbench.results import write_atomic
 from gptbench.report.charts import CHARTS, chart_pngs
 from gptbench.report.findings import findings
 from gptbench.report.load import load_runs, value_at
@@ -42,7 +44,7 @@ def render_report(suite_dir, title: str | None = None) -> dict[str, Path]:
     for file_name in CHARTS:
         path = suite_dir / file_name
         if file_name in pngs:
-            path.write_bytes(pngs[file_name])
+            write_atomic(path, pngs[file_name])
             written[file_name] = path
         else:
             # Left by an earlier render whose data is gone; the report no longer shows it.
@@ -51,17 +53,18 @@ def render_report(suite_dir, title: str | None = None) -> dict[str, Path]:
     templates = template_environment()
     for file_name in ("report.md", "report.html"):
         path = suite_dir / file_name
-        path.write_text(templates.get_template(f"{file_name}.j2").render(context), encoding="utf-8")
+        write_atomic(path, templates.get_template(f"{file_name}.j2").render(context).encode("utf-8"))
         written[file_name] = path
     return written
 
 
 def write_summary_csv(records: list[dict], path: Path) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=list(SUMMARY_COLUMNS))
-        writer.writeheader()
-        for record in records:
-            writer.writerow({column: csv_value(value_at(record, dotted)) for column, dotted in SUMMARY_COLUMNS.items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(SUMMARY_COLUMNS))
+    writer.writeheader()
+    for record in records:
+        writer.writerow({column: csv_value(value_at(record, dotted)) for column, dotted in SUMMARY_COLUMNS.items()})
+    write_atomic(path, text.getvalue().encode("utf-8"))
     return path
 
 
