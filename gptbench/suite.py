@@ -177,7 +177,7 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
     from gptbench.report.render import render_report
 
     written = render_report(suite.output_dir, title=suite.title)
-    print(f"gptbench: {done} run(s) this time; report: {written.get('html', suite.output_dir)}")
+    print(f"gptbench: {done} run(s) this time; report: {written.get('report.html', suite.output_dir)}")
     return 0
 
 
