@@ -69,20 +69,21 @@ class TPMpu:
 
 
 def apply_tp(model, tp: int, group, ranks: list[int], dtype: torch.dtype,
-             kernel_inject: bool = False):
-    """Shard `model` in place over `group` (ranks `ranks`). Returns the `InferenceEngine`."""
+             ds_config: dict | None = None):
+    """Shard `model` in place over `group` (ranks `ranks`). Returns the `InferenceEngine`.
+
+    `ds_config` is the rest of the `init_inference` config (dsconfig.inference_config)."""
     import deepspeed
 
-    head_dim = model.config.n_embd // model.config.n_head
-    if kernel_inject:
-        return deepspeed.init_inference(
-            model, dtype=dtype, replace_with_kernel_inject=True,
-            tensor_parallel={"tp_size": tp, "tp_group": group, "mpu": TPMpu(group, ranks)})
+    # A new dict: init_inference updates the one it is given in place.
+    config = {**(ds_config or {}), "dtype": dtype,
+              "tensor_parallel": {"tp_size": tp, "tp_group": group, "mpu": TPMpu(group, ranks)}}
+    if config.get("replace_with_kernel_inject"):
+        return deepspeed.init_inference(model, config=config)
     cls = apply_linear_blocks(model)
-    engine = deepspeed.init_inference(
-        model, dtype=dtype, injection_policy={cls: ("attn.c_proj", "mlp.c_proj")},
-        tensor_parallel={"tp_size": tp, "tp_group": group, "tp_grain_size": head_dim,
-                         "mpu": TPMpu(group, ranks)})
+    config["tensor_parallel"]["tp_grain_size"] = model.config.n_embd // model.config.n_head
+    config["injection_policy"] = {cls: ("attn.c_proj", "mlp.c_proj")}
+    engine = deepspeed.init_inference(model, config=config)
     for block in model.transformer.h:
         block.attn.split_size = block.attn.c_attn.weight.shape[0] // 3
     return engine

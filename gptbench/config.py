@@ -73,7 +73,7 @@ class EngineConfig:
     kernel_inject: bool = False
     cuda_graph: bool = False
     threads: typing.Optional[int] = None  # torch threads per rank; None: cores / local ranks
-    pipe_partitioned: bool = False
+    deepspeed_config: typing.Optional[str] = None  # None: deepspeed_configs/ds_<strategy>.json
     comm_timeout_s: float = 120.0
     profile_comm: bool = True
 

@@ -69,7 +69,7 @@ def skeleton(cfg, world_size: int, grid=None, model=None, env=None) -> dict:
                      "iterations": w.iterations, "warmup": w.warmup, "dataset": w.dataset},
         "engine": {"backend": cfg.engine.backend, "kernel_inject": cfg.engine.kernel_inject, "cuda_graph": cfg.engine.cuda_graph,
                    "threads_per_rank": cfg.engine.threads,
-                   "pipe_partitioned": cfg.engine.pipe_partitioned},
+                   "deepspeed_config": None},
         "metrics": None,
         "null_reasons": {},
         "parity": None,

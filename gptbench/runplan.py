@@ -179,6 +179,10 @@ def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
                         "pure_data_parallel and without kernel_inject/cuda_graph")
     if e.kernel_inject:
         _check_kernel_transformers()
+    if cfg.engine.backend == "deepspeed":
+        from gptbench import dsconfig
+
+        dsconfig.load(cfg)  # a missing or malformed DeepSpeed JSON is bad input
     device = select_device(cfg, local_rank)
     if (e.kernel_inject or e.cuda_graph) and device.type != "cuda":
         raise UserError("engine.kernel_inject/cuda_graph: DeepSpeed's fused kernels are CUDA-only")

@@ -137,6 +137,7 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["workload"]["dtype"] = str(plan.dtype).replace("torch.", "")
     record["engine"]["threads_per_rank"] = torch.get_num_threads()
     record["engine"]["shm_allreduce"] = any(r["shm_allreduce"] for r in ranks)
+    record["engine"]["deepspeed_config"] = info.get("deepspeed_config")
     metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
     metrics["roofline"], roof_reason = measure.roofline(plan, model, metrics, record["env"])
     if roof_reason:

@@ -101,3 +101,28 @@ def test_kernel_injection_is_gated_on_the_transformers_interface():
 def test_full_model_parallel_on_two_ranks_is_not_applicable():
     with pytest.raises(NotApplicable, match="at least 4 ranks"):
         resolve(cfg(strategy="full"), 2)
+
+
+def test_deepspeed_json_per_strategy_and_yaml_switches_on_top(tmp_path):
+    from gptbench import dsconfig
+
+    for strategy in ("pure_data_parallel", "tensor_data_hybrid", "pipeline_data_hybrid",
+                     "full_model_parallel"):
+        assert dsconfig.load(cfg(strategy=strategy)) == dsconfig.load(
+            cfg(strategy=strategy, engine__deepspeed_config=dsconfig.path_for(cfg(strategy=strategy))))
+    pipe = dsconfig.pipeline_config(cfg(strategy="pp"), micro_batches=2)
+    assert pipe["pipeline"]["pipe_partitioned"] is False           # from the JSON
+    assert pipe["train_micro_batch_size_per_gpu"] == 2             # batch 4 / 2 micro-batches
+    assert pipe["gradient_accumulation_steps"] == 2
+    inject = dsconfig.inference_config(cfg(engine__kernel_inject=True))
+    assert inject["replace_with_kernel_inject"] is True            # the YAML wins
+
+
+@pytest.mark.parametrize("content,message", [(None, "file not found"), ("{oops", "not valid JSON"),
+                                             ("[1, 2]", "JSON object")])
+def test_bad_deepspeed_json_is_bad_input(tmp_path, content, message):
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=f"engine.deepspeed_config: .*{message}"):
+        resolve(cfg(engine__deepspeed_config=str(path)), 1)

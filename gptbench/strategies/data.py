@@ -6,16 +6,16 @@ that shows what DeepSpeed buys.
 """
 from __future__ import annotations
 
+from gptbench import dsconfig
 from gptbench.strategies.base import CachedLM, RankContext
 
 
 def build(ctx: RankContext) -> CachedLM:
     import deepspeed
 
-    eng = ctx.cfg.engine
-    if eng.backend == "hf_eager":
+    if ctx.cfg.engine.backend == "hf_eager":
         return CachedLM(ctx.model, ctx.model.config)
-    engine = deepspeed.init_inference(
-        ctx.model, dtype=ctx.dtype, tensor_parallel={"tp_size": 1},
-        replace_with_kernel_inject=eng.kernel_inject, enable_cuda_graph=eng.cuda_graph)
+    ds_config = dsconfig.inference_config(ctx.cfg)
+    ctx.info["deepspeed_config"] = ds_config
+    engine = deepspeed.init_inference(ctx.model, config={**ds_config, "dtype": ctx.dtype})
     return CachedLM(engine, ctx.model.config)

@@ -16,6 +16,7 @@ import time
 import torch
 from torch import nn
 
+from gptbench import dsconfig
 from gptbench.strategies.base import RankContext, Step
 
 MB_ID, POS = 1, 2  # positions of the micro-batch id and the positions in the activation tuple
@@ -159,13 +160,8 @@ def build(ctx: RankContext) -> PipelineGenerator:
                          dynamic_shape=True,
                          partition_method=cfg.topology.partition_method)
     m = ctx.info["micro_batches"]
-    ds_config = {
-        "train_micro_batch_size_per_gpu": cfg.workload.batch_size // m,
-        "gradient_accumulation_steps": m,
-        "pipeline": {"pipe_partitioned": cfg.engine.pipe_partitioned,
-                     "grad_partitioned": cfg.engine.pipe_partitioned},
-        "steps_per_print": 10 ** 9,
-    }
+    ds_config = dsconfig.pipeline_config(cfg, m)
+    ctx.info["deepspeed_config"] = ds_config
     for spec in net._layer_specs:  # drop the other stages' layers: this rank owns its own
         spec.module_args = ()
     engine, *_ = deepspeed.initialize(model=net, config=ds_config)

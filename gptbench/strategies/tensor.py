@@ -5,13 +5,15 @@ generate disjoint shards of the samples. Every rank of a replica returns the sam
 """
 from __future__ import annotations
 
+from gptbench import dsconfig
 from gptbench.autotp import apply_tp, heads_per_rank
 from gptbench.strategies.base import CachedLM, RankContext
 
 
 def build(ctx: RankContext) -> CachedLM:
     tp = ctx.grid.tp
-    engine = apply_tp(ctx.model, tp, ctx.tp_group, ctx.tp_ranks, ctx.dtype,
-                      kernel_inject=ctx.cfg.engine.kernel_inject)
+    ds_config = dsconfig.inference_config(ctx.cfg)
+    ctx.info["deepspeed_config"] = ds_config
+    engine = apply_tp(ctx.model, tp, ctx.tp_group, ctx.tp_ranks, ctx.dtype, ds_config)
     ctx.info["heads_per_tp_rank"] = heads_per_rank(ctx.model.config.n_head, tp)
     return CachedLM(engine, ctx.model.config)
