@@ -178,9 +178,7 @@ def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
 def overhead_block(samples: dict, tokens_match: dict[str, bool], skipped: dict[str, str],
                    plan, model) -> dict:
     """`samples`: {"wall": {arm: [tokens/s]}, "cpu": {arm: [tokens/CPU-s]}}, paired by index."""
-    from gptbench.models import model_info
-
-    w, m = plan.cfg.workload, plan.cfg.model
+    w = plan.cfg.workload
     wall, cpu = samples["wall"], samples["cpu"]
     arms = {}
     for name in ARMS:
@@ -195,15 +193,12 @@ def overhead_block(samples: dict, tokens_match: dict[str, bool], skipped: dict[s
             arms[name]["ratio_to_bare"] = paired_ratio(wall[name], wall["bare_hf_generate"])
             arms[name]["cpu_time_ratio_to_bare"] = paired_ratio(cpu[name],
                                                                 cpu["bare_hf_generate"])
-    info = model_info(model, m.name, m.weights)
     return {
         "method": "one batch per unit, arms back to back in rotating order; ratio = median "
                   "over pairs of arm tokens/s / bare tokens/s (wall clock); the CPU-time "
                   "ratio uses this process's CPU seconds instead (robust to other processes "
                   "taking the cores, exact only with 1 thread)",
-        "model": {"name": info.name, "preset": m.preset, "weights": info.weights,
-                  "params": info.params, "n_layer": info.n_layer, "n_head": info.n_head,
-                  "n_embd": info.n_embd, "vocab_size": info.vocab_size},
+        "model": {**plan.model_dims, "params": sum(p.numel() for p in model.parameters())},
         "workload": {"dtype": str(plan.dtype).replace("torch.", ""),
                      "batch_size": w.batch_size, "input_len": w.input_len,
                      "output_len": w.output_len, "batches": w.num_samples // w.batch_size},

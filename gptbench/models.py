@@ -6,7 +6,6 @@ weight values, and parity is checked against the unsharded model of the same wei
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,19 +26,6 @@ PRESETS = {
     "small": dict(n_layer=6, n_head=5, n_embd=320, vocab_size=8192, n_positions=1024,
                   initializer_range=0.05),
 }
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    weights: str
-    n_layer: int
-    n_head: int
-    n_embd: int
-    vocab_size: int
-    n_positions: int
-    params: int
-    tied_embeddings: bool
 
 
 def gpt2_config(name: str, preset: str | None, tie_embeddings: bool = True):
@@ -72,14 +58,6 @@ def load_model(name: str, weights: str, preset: str | None, dtype: torch.dtype,
     model = model.to(device=device, dtype=dtype).eval()
     model.generation_config.pad_token_id = model.config.eos_token_id
     return model
-
-
-def model_info(model, name: str, weights: str) -> ModelInfo:
-    c = model.config
-    params = sum(p.numel() for p in model.parameters())  # tied weights counted once
-    return ModelInfo(name=name, weights=weights, n_layer=c.n_layer, n_head=c.n_head,
-                     n_embd=c.n_embd, vocab_size=c.vocab_size, n_positions=c.n_positions,
-                     params=params, tied_embeddings=bool(c.tie_word_embeddings))
 
 
 def load_tokenizer(name: str):

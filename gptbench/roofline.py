@@ -111,7 +111,7 @@ class ModelDims:
 
     @classmethod
     def of(cls, model) -> "ModelDims":
-        """From a `models.ModelInfo`, a run record's model dict, or keyword sizes; `params`
+        """From a run record's model dict, or keyword sizes; `params`
         is computed with `gpt2_params` when absent."""
         get = model.get if isinstance(model, Mapping) else lambda k, d=None: getattr(model, k, d)
         sizes = {k: get(k) for k in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")}

@@ -6,25 +6,14 @@ import sys
 from pathlib import Path
 
 import deepspeed
-import pynvml
 import pytest
 import torch
 
 from gptbench.diagnose import diagnose
+from gptbench.trackers.gpu_util import nvml_gpu_count
 
 
-def _nvml_gpu_count() -> int:
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return 0
-    try:
-        return pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()
-
-
-@pytest.mark.skipif(torch.cuda.is_available() or _nvml_gpu_count() > 0,
+@pytest.mark.skipif(torch.cuda.is_available() or nvml_gpu_count() > 0,
                     reason="this machine has a GPU")
 def test_without_gpu_says_so_and_exits_0():
     text, exit_code = diagnose()
@@ -45,7 +34,7 @@ def test_with_gpus_lists_each_visible_one_and_exits_0():
         assert f"cuda:{index} {torch.cuda.get_device_name(index)} -> NVML" in text
 
 
-@pytest.mark.skipif(_nvml_gpu_count() == 0, reason="needs an NVIDIA driver with a GPU")
+@pytest.mark.skipif(nvml_gpu_count() == 0, reason="needs an NVIDIA driver with a GPU")
 def test_gpus_hidden_from_torch_are_a_problem_with_exit_1():
     # A repeated CUDA_VISIBLE_DEVICES entry hides every GPU from CUDA, while NVML still sees them.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,0"}

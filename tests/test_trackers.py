@@ -11,24 +11,13 @@ import torch.distributed
 
 from gptbench.errors import UserError
 from gptbench.trackers.comm import DEFAULT_TARGETS, CommTracker
-from gptbench.trackers.gpu_util import GpuUtilSampler, physical_gpu_id, visible_gpu_ids
+from gptbench.trackers.gpu_util import (GpuUtilSampler, nvml_gpu_count, physical_gpu_id,
+                                        visible_gpu_ids)
 from gptbench.trackers.memory import MemoryTracker
 from gptbench.trackers.timing import Timer
 
 CPU = torch.device("cpu")
 ALLOCATION_BYTES = 400 * 10**6
-
-
-def _nvml_gpu_count() -> int:
-    import pynvml
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return 0
-    try:
-        return pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -106,7 +95,7 @@ def test_cuda_peak_allocated_grows_by_a_known_allocation():
 
 # --- GPU utilisation --------------------------------------------------------------------
 
-@pytest.mark.skipif(_nvml_gpu_count() > 0, reason="this machine has an NVIDIA driver")
+@pytest.mark.skipif(nvml_gpu_count() > 0, reason="this machine has an NVIDIA driver")
 def test_gpu_util_without_driver_is_none_with_reason():
     with GpuUtilSampler(0, interval_s=0.01) as sampler:
         time.sleep(0.05)
@@ -116,7 +105,7 @@ def test_gpu_util_without_driver_is_none_with_reason():
     assert sampler.sample_count == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or _nvml_gpu_count() == 0,
+@pytest.mark.skipif(not torch.cuda.is_available() or nvml_gpu_count() == 0,
                     reason="needs a CUDA GPU and NVML")
 def test_gpu_util_of_a_busy_gpu_is_high():
     device = torch.device("cuda", 0)

@@ -14,6 +14,18 @@ import pynvml
 from gptbench.errors import UserError
 
 
+def nvml_gpu_count() -> int:
+    """GPUs NVML sees; 0 without an NVIDIA driver."""
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def visible_gpu_ids(cuda_visible_devices: str) -> list[int | str]:
     """The physical GPUs a CUDA_VISIBLE_DEVICES value exposes, in CUDA's order.
 
