@@ -17,10 +17,6 @@ from gptbench.trackers.memory import MemoryTracker
 from gptbench.trackers.timing import synchronize
 
 
-def reference(model, probe: torch.Tensor, cfg):
-    return parity.reference(model, probe, cfg.parity.tokens)
-
-
 def _barrier():
     torch.distributed.barrier()
 

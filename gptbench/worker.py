@@ -17,7 +17,7 @@ import traceback
 
 import torch
 
-from gptbench import faults, results
+from gptbench import faults, parity, results
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
 from gptbench.runplan import RunPlan, resolve, run_id_for
@@ -106,7 +106,7 @@ def run_rank(plan: RunPlan, rank: int, inject) -> tuple[dict, dict]:
     batches = plan.batches(rank)
     is_output = rank in grid.output_ranks()
     probe = batches[0][:cfg.parity.samples]
-    ref = measure.reference(model, probe, cfg) if cfg.parity.enabled else None
+    ref = parity.reference(model, probe, cfg.parity.tokens) if cfg.parity.enabled else None
     ctx = RankContext(cfg=cfg, grid=grid, rank=rank, device=plan.device, dtype=plan.dtype,
                       model=model, tp_group=tp_group, tp_ranks=tp_ranks,
                       info={"micro_batches": plan.micro_batches, "params": params})
