@@ -112,10 +112,9 @@ def check_dataset(cfg, vocab_size: int, dp: int) -> None:
     if path is None:
         return
     if holds_token_ids(path):
-        datasets.load_samples(path, vocab_size)  # names file:line of a bad id
-        workload_samples(cfg, vocab_size, dp)    # enough samples of input_len tokens
+        workload_samples(cfg, vocab_size, dp)  # names file:line of a bad id; enough samples
         return
-    datasets.load_prompts(path)
+    datasets.load_prompts(path)  # names file:line before the tokenizer is looked for
     try:
         workload_samples(cfg, vocab_size, dp)
     except (OSError, ValueError) as e:  # the tokenizer of model.name cannot be loaded
@@ -276,22 +275,20 @@ def finalize(cfg, run_id: str, world: int, returncode: int | None, timed_out: bo
     if record is not None and record.get("status") == "ok" and not timed_out:
         return record
     errors = _rank_errors(cfg.output_dir, run_id, world)
-    if record is None or record.get("status") == "ok":
-        record = results.skeleton(cfg, world)
-        record["run_id"] = run_id
     if timed_out:
         silent = [r for r in range(world) if r not in errors]
-        record.update(status="timeout", failed_rank=None,
-                      error=f"the run exceeded timeout_s={cfg.timeout_s:g} s and was stopped "
-                            f"(no error from rank(s) {', '.join(map(str, silent)) or 'none'}; "
-                            f"see engine.comm_timeout_s)")
+        status, rank = "timeout", None
+        line = (f"the run exceeded timeout_s={cfg.timeout_s:g} s and was stopped "
+                f"(no error from rank(s) {', '.join(map(str, silent)) or 'none'}; "
+                f"see engine.comm_timeout_s)")
     else:
         rank, status, line = blame(errors, world)
         if not errors:
             line = f"the launcher exited with code {returncode} and {line}"
-        record.update(status=status, failed_rank=rank, error=line)
+    record = results.unfinished(cfg, world, run_id, status, line, rank,
+                                record if record is not None and record.get("status") != "ok"
+                                else None)
     record["wall_s"] = wall_s
-    record["null_reasons"]["metrics"] = f"the run did not finish ({record['status']})"
     if any(e.get("cuda_memory") for e in errors.values()):
         record["memory_at_failure"] = {r: e["cuda_memory"] for r, e in errors.items()
                                        if e.get("cuda_memory")}

@@ -84,6 +84,15 @@ def not_applicable(cfg, world_size: int, run_id: str, reason: str) -> dict:
     return record
 
 
+def unfinished(cfg, world_size: int, run_id: str, status: str, error: str,
+               failed_rank: int | None, record: dict | None = None) -> dict:
+    """A failed / oom / timeout record: `record` (what a rank wrote) or a new skeleton."""
+    record = record or skeleton(cfg, world_size)
+    record.update(run_id=run_id, status=status, error=error, failed_rank=failed_rank)
+    record["null_reasons"]["metrics"] = f"the run did not finish ({status})"
+    return record
+
+
 def _ms(seconds: list[float]) -> dict:
     return summarize([s * 1e3 for s in seconds])
 

@@ -164,10 +164,8 @@ def fail(cfg: RunConfig, run_id: str, world: int, rank: int, exc: BaseException)
     results.write_json_atomic(error_path(cfg.output_dir, run_id, rank), detail)
     path = results.run_path(cfg.output_dir, run_id)
     if not os.path.exists(path):
-        record = results.skeleton(cfg, world)
-        record.update(run_id=run_id, status=status, error=f"rank {rank}: {line}", failed_rank=rank)
-        record["null_reasons"]["metrics"] = f"the run did not finish ({status})"
-        results.write_json_atomic(path, record)
+        results.write_json_atomic(path, results.unfinished(cfg, world, run_id, status,
+                                                           f"rank {rank}: {line}", rank))
 
 
 def _variants(args) -> list[list[str]]:
