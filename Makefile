@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 GPTBENCH := $(PY) -m gptbench.cli
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install test demo report bench-cpu bench-1gpu bench-all gpu-check diagnose clean \
+.PHONY: install test demo report bench-cpu bench-1gpu bench-all gpu-check gpu-wheels diagnose clean \
         $(foreach n,2 4,$(foreach s,dp tp pp full,bench-$(n)gpu-$(s)))
 
 install: $(STAMP)
@@ -58,6 +58,12 @@ diagnose: install
 # what is missing from wheels carried in .whl/.
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# Here, with network: the wheels `gpu-check` needs on an offline GPU machine with Python
+# 3.12 and a CUDA torch (transformers & co at our pins, DeepSpeed built as a pure-Python
+# wheel), into .whl/ (gptbench/gpuwheels.py).
+gpu-wheels: install
+	$(PY) -m gptbench.gpuwheels download .whl
 
 clean:
 	rm -rf $(VENV) reports/*/ *.egg-info

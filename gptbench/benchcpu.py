@@ -15,11 +15,20 @@ whether or not a target is met (1 only when nothing could be measured).
    config's engine.threads). The DeepSpeed
    `InferenceEngine` arm (`init_inference`, tp_size=1, gloo, world of one) runs the same
    way when DeepSpeed initialises in-process, else it is skipped with the reason.
+   `compile_speedup`: the same pairing between the DeepSpeed engine compiled over a static
+   KV cache (engine.compile=default: inductor; no CUDA graphs on CPU) and the same engine
+   eager, on separate copies of the model; target >= 1.5 on the small preset. Compilation
+   happens in the untimed warm-up (`compile_s`).
 2. Scaling: deepspeed_configs/bench-cpu.yaml through the `deepspeed` launcher, one torch
    thread per rank: 1 rank of pure_data_parallel (the baseline), then 2 ranks of each
    strategy. speedup = tokens/s over the baseline's; parallel_efficiency = speedup / ranks.
    pure_data_parallel gives every replica its own samples (weak scaling), tensor and
    pipeline split one replica's work (same tokens as the baseline).
+3. Pipeline schedules, side by side: one 2-rank launch runs pipeline_data_hybrid with the
+   flush and in_flight schedules alternately (`--sweep`, SCHEDULE_PAIRS pairs, same
+   processes); `pipeline_in_flight_speedup` = median over pairs of in_flight tokens/s /
+   flush tokens/s (target >= 1.3). On this machine a gloo send/recv round trip costs
+   ~0.4 ms: overlapping it with other micro-batches' compute is most of what there is to win.
 """
 from __future__ import annotations
 
@@ -32,12 +41,17 @@ from contextlib import contextmanager
 
 import torch
 
+from gptbench import compiled
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "deepspeed_configs", "bench-cpu.yaml")
 SCHEMA = "gptbench.bench-cpu/1"
 OVERHEAD_TARGET = 0.97
+COMPILE_TARGET = 1.5
+IN_FLIGHT_TARGET = 1.3
+SCHEDULE_PAIRS = 2
 REPEATS = 7
-ARMS = ("bare_hf_generate", "gptbench_hf", "gptbench_deepspeed")
+ARMS = ("bare_hf_generate", "gptbench_hf", "gptbench_deepspeed", "gptbench_compiled")
 # (row name, ranks, overrides); the baseline runs first so the 2-rank records find it.
 SCALING_RUNS = (
     ("baseline", 1, ["strategy=pure_data_parallel"]),
@@ -112,16 +126,17 @@ def deepspeed_generator(plan, model):
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo")
     ctx = RankContext(cfg=plan.cfg, grid=plan.grid, rank=0, device=plan.device,
-                      dtype=plan.dtype, model=model)
+                      dtype=plan.dtype, model=model, info={"compile_mode": plan.compile_mode})
     return REGISTRY["pure_data_parallel"](ctx)
 
 
-def _plan(config_path: str, overrides: list[str], backend: str):
+def _plan(config_path: str, overrides: list[str], backend: str, compile_mode: str = "off"):
     from gptbench.config import load_config
     from gptbench.runplan import resolve
 
     cfg = load_config(config_path, list(overrides) + ["strategy=pure_data_parallel",
-                                                      f"engine.backend={backend}"])
+                                                      f"engine.backend={backend}",
+                                                      f"engine.compile={compile_mode}"])
     return resolve(cfg, 1)
 
 
@@ -139,17 +154,18 @@ def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
     model = plan.load_model()
     batches = plan.batches(0)
     ctx = RankContext(cfg=plan.cfg, grid=plan.grid, rank=0, device=plan.device,
-                      dtype=plan.dtype, model=model)
+                      dtype=plan.dtype, model=model, info={"compile_mode": "off"})
     gens = {"gptbench_hf": REGISTRY["pure_data_parallel"](ctx)}
-    skipped = {}
-    if with_deepspeed:
+    skipped, compile_s = {}, None
+    for name, mode in (("gptbench_deepspeed", "off"), ("gptbench_compiled", "default")):
+        if not with_deepspeed:
+            skipped[name] = "not requested (with_deepspeed=False)"
+            continue
         try:
-            ds_plan = _plan(config_path, overrides, "deepspeed")
-            gens["gptbench_deepspeed"] = deepspeed_generator(ds_plan, copy.deepcopy(model))
+            ds_plan = _plan(config_path, overrides, "deepspeed", mode)
+            gens[name] = deepspeed_generator(ds_plan, copy.deepcopy(model))
         except Exception as e:  # noqa: BLE001 - reported in bench.json, the rest still runs
-            skipped["gptbench_deepspeed"] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-    else:
-        skipped["gptbench_deepspeed"] = "not requested (with_deepspeed=False)"
+            skipped[name] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
     units = {"bare_hf_generate": lambda ids: bare_unit(model, ids, w.output_len)}
     for name, gen in gens.items():
@@ -158,10 +174,12 @@ def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
     wall = {name: [] for name in names}  # tokens per wall second, one per (repeat, batch)
     cpu = {name: [] for name in names}   # tokens per CPU second of this process
     with torch.no_grad():
+        start = compiled.snapshot()
         tokens_match = {name: same_tokens(model, gen, batches[0], w.output_len)
                         for name, gen in gens.items()}
-        for name in names:  # warm-up: allocator, thread pool, first-call paths
+        for name in names:  # warm-up: allocator, thread pool, first-call paths, compilation
             units[name](batches[0])
+        compile_s = compiled.CompileStats.since(start).compile_s
         # One batch per unit, arms back to back, order rotating: a pair of units sees
         # the same machine state even when other processes come and go.
         for i in range(repeats * len(batches)):
@@ -172,7 +190,9 @@ def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
                 cpu[name].append(tokens / cpu_s if cpu_s > 0 else None)
     if "gptbench_deepspeed" in gens and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # the world of one is done
-    return overhead_block({"wall": wall, "cpu": cpu}, tokens_match, skipped, plan, model)
+    block = overhead_block({"wall": wall, "cpu": cpu}, tokens_match, skipped, plan, model)
+    block["compile_s"] = compile_s if "gptbench_compiled" in gens else None
+    return block
 
 
 def overhead_block(samples: dict, tokens_match: dict[str, bool], skipped: dict[str, str],
@@ -193,6 +213,9 @@ def overhead_block(samples: dict, tokens_match: dict[str, bool], skipped: dict[s
             arms[name]["ratio_to_bare"] = paired_ratio(wall[name], wall["bare_hf_generate"])
             arms[name]["cpu_time_ratio_to_bare"] = paired_ratio(cpu[name],
                                                                 cpu["bare_hf_generate"])
+    if "gptbench_compiled" in wall and "gptbench_deepspeed" in wall:
+        arms["gptbench_compiled"]["ratio_to_eager"] = paired_ratio(
+            wall["gptbench_compiled"], wall["gptbench_deepspeed"])
     return {
         "method": "one batch per unit, arms back to back in rotating order; ratio = median "
                   "over pairs of arm tokens/s / bare tokens/s (wall clock); the CPU-time "
@@ -277,14 +300,69 @@ def measure_scaling(output_dir: str, config_path: str = CONFIG,
     return baseline_row, rows
 
 
+def measure_schedules(output_dir: str, config_path: str = CONFIG, overrides: list[str] = (),
+                      pairs: int = SCHEDULE_PAIRS) -> dict:
+    """Both pipeline schedules on 2 ranks, alternating in one launch (the same processes and
+    machine state for both); `speedup` = median of in_flight / flush over the pairs."""
+    import subprocess
+
+    import yaml
+
+    from gptbench import launcher
+
+    runs = [{"run_id": f"schedule-{kind}-{i}", "topology": {"pipeline_schedule": kind}}
+            for i in range(pairs) for kind in ("flush", "in_flight")]
+    sweep = os.path.join(output_dir, "schedules.yaml")
+    os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
+    with open(sweep, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"runs": runs}, f)
+    sets = list(overrides) + ["strategy=pipeline_data_hybrid", "topology.pp=2",
+                              f"output_dir={output_dir}", "engine.threads=1"]
+    log = os.path.join(output_dir, "logs", "schedules-2r.log")
+    print(f"bench-cpu: pipeline schedules, {pairs} pairs on 2 ranks ...", flush=True)
+    with open(log, "w", encoding="utf-8") as out:
+        subprocess.run(launcher.deepspeed_command(config_path, sets, 2) + ["--sweep", sweep],
+                       stdout=out, stderr=subprocess.STDOUT, timeout=1800, check=False,
+                       start_new_session=True)
+    rows = {}
+    for run in runs:
+        from gptbench import results
+
+        record = results.read_record(results.run_path(output_dir, run["run_id"])) or {}
+        rows[run["run_id"]] = scaling_row(record, 2, None) if record else {
+            "run_id": run["run_id"], "status": "missing", "throughput_tokens_per_s": None}
+    ratios = []
+    for i in range(pairs):
+        flush = rows[f"schedule-flush-{i}"]["throughput_tokens_per_s"]
+        in_flight = rows[f"schedule-in_flight-{i}"]["throughput_tokens_per_s"]
+        if flush and in_flight:
+            ratios.append(in_flight / flush)
+    return {"method": "pipeline_data_hybrid pp=2 m=2, 1 thread per rank; flush and in_flight "
+                      "alternate in one launch (--sweep); speedup = median over pairs of "
+                      "in_flight tokens/s / flush tokens/s",
+            "pairs": ratios, "speedup": statistics.median(ratios) if ratios else None,
+            "target": IN_FLIGHT_TARGET, "rows": rows, "log": log}
+
+
 # ---- the report ----------------------------------------------------------------------------
 
 def build_report(overhead: dict | None, baseline: dict | None, scaling: dict,
-                 env: dict, wall_s: float, notes: dict | None = None) -> dict:
+                 env: dict, wall_s: float, notes: dict | None = None,
+                 schedules: dict | None = None) -> dict:
     arms = (overhead or {}).get("arms", {})
     ratio = arms.get("gptbench_hf", {}).get("ratio_to_bare")
     ds = arms.get("gptbench_deepspeed", {})
+    compile_speedup = arms.get("gptbench_compiled", {}).get("ratio_to_eager")
+    in_flight = (schedules or {}).get("speedup")
     return {
+        "compile_speedup": compile_speedup,
+        "compile_target": COMPILE_TARGET,
+        "compile_passed": compile_speedup >= COMPILE_TARGET if compile_speedup else None,
+        "compile_s": (overhead or {}).get("compile_s"),
+        "pipeline_in_flight_speedup": in_flight,
+        "pipeline_in_flight_target": IN_FLIGHT_TARGET,
+        "pipeline_in_flight_passed": in_flight >= IN_FLIGHT_TARGET if in_flight else None,
+        "pipeline_schedules": schedules,
         "schema": SCHEMA,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": env.get("git_commit"),
@@ -302,6 +380,10 @@ def build_report(overhead: dict | None, baseline: dict | None, scaling: dict,
         "notes": notes or {},
         "wall_s": wall_s,
     }
+
+
+def _verdict(passed) -> str:
+    return {True: "PASS", False: "BELOW TARGET", None: "n/a"}[passed]
 
 
 def _fmt(value, spec: str, none: str = "-") -> str:
@@ -332,6 +414,22 @@ def format_table(report: dict) -> str:
         lines.append(f"  overhead_ratio {_fmt(ratio, '.3f')} (target >= "
                      f"{report['overhead_target']}): {verdict}; the arm medians are not "
                      "paired, the ratios are")
+        speed = report.get("compile_speedup")
+        lines.append(f"  compile_speedup {_fmt(speed, '.2f')} (compiled / eager DeepSpeed "
+                     f"engine, target >= {report['compile_target']}): "
+                     f"{_verdict(report.get('compile_passed'))}; compiled in "
+                     f"{_fmt(report.get('compile_s'), '.1f')} s (untimed warm-up)")
+    sched = report.get("pipeline_schedules")
+    if sched:
+        lines.append("")
+        lines.append(f"pipeline schedules (pp=2, m=2, 2 ranks, alternating in one launch): "
+                     f"in_flight / flush = {_fmt(sched.get('speedup'), '.2f')} "
+                     f"(pairs {', '.join(f'{r:.2f}' for r in sched['pairs']) or '-'}; target "
+                     f">= {sched['target']}): {_verdict(report.get('pipeline_in_flight_passed'))}")
+        for r in sched["rows"].values():
+            lines.append(f"  {r['run_id']:<24}{_fmt(r.get('throughput_tokens_per_s'), '.1f'):>10}"
+                         f" tokens/s, TPOT p50 {_fmt(r.get('tpot_ms_p50'), '.2f')} ms, parity "
+                         f"{_fmt(r.get('parity_passed'), '')}, {r['status']}")
     rows = dict(report.get("scaling") or {})
     if report.get("scaling_baseline"):
         rows = {"1 rank (baseline)": report["scaling_baseline"], **rows}
@@ -369,15 +467,16 @@ def main(output_dir: str = "reports/bench-cpu", config_path: str = CONFIG,
     except Exception as e:  # noqa: BLE001 - the scaling runs are still worth having
         notes["overhead_error"] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         print(f"bench-cpu: overhead failed: {notes['overhead_error']}", file=sys.stderr)
-    baseline, rows = None, {}
+    baseline, rows, schedules = None, {}, None
     if scaling:
         baseline, rows = measure_scaling(output_dir, config_path, overrides)
+        schedules = measure_schedules(output_dir, config_path, overrides)
     else:
         notes["scaling"] = "not run (scaling=False)"
     notes["load_avg_1m_after"] = _load_avg()
     notes["load"] = load_note(notes["load_avg_1m_before"], os.cpu_count() or 1)
     report = build_report(overhead, baseline, rows, envinfo.collect_env(torch.device("cpu")),
-                          time.time() - started, notes)
+                          time.time() - started, notes, schedules)
     path = os.path.join(output_dir, "bench.json")
     results.write_json_atomic(path, report)
     print()

@@ -23,7 +23,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHTS = ("pretrained", "random")
 DEVICES = ("auto", "cpu", "cuda")
 PARTITION_METHODS = ("parameters", "uniform")
-BACKENDS = ("deepspeed", "hf_eager")
+BACKENDS = ("deepspeed", "hf_eager", "hf_compiled")
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead")
+PIPELINE_SCHEDULES = ("in_flight", "flush")
 PIPE_TOPOLOGIES = ("auto", "PipeDataParallelTopology", "PipeModelDataParallelTopology")
 
 
@@ -44,6 +46,9 @@ class TopologyConfig:
     micro_batches: typing.Optional[int] = None  # None: pp, enough to fill the pipeline
     partition_method: str = "parameters"
     pipe_topology: str = "auto"  # DeepSpeed's class; auto: PipeModelDataParallel iff tp > 1
+    # in_flight: micro-batches circulate across decode steps (one fill/drain per generation);
+    # flush: one PipelineEngine.eval_batch per token (fills and drains every token)
+    pipeline_schedule: str = "in_flight"
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,12 @@ class ParityConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "auto"
-    backend: str = "deepspeed"  # hf_eager: the plain Hugging Face model, no DeepSpeed (baseline)
+    # hf_eager: the plain Hugging Face model, no DeepSpeed; hf_compiled: Hugging Face
+    # `generate` with its static cache and compile config (the baselines)
+    backend: str = "deepspeed"
+    # torch.compile of the decode step over a static KV cache; auto: reduce-overhead (CUDA
+    # graphs) on CUDA, off on CPU
+    compile: str = "auto"
     kernel_inject: bool = False
     cuda_graph: bool = False
     threads: typing.Optional[int] = None  # torch threads per rank; None: cores / local ranks
@@ -95,6 +105,7 @@ CHOICES = {
     "strategy": STRATEGIES, "model.weights": WEIGHTS, "workload.dtype": DTYPES,
     "engine.device": DEVICES, "topology.partition_method": PARTITION_METHODS,
     "engine.backend": BACKENDS, "topology.pipe_topology": PIPE_TOPOLOGIES,
+    "engine.compile": COMPILE_MODES, "topology.pipeline_schedule": PIPELINE_SCHEDULES,
 }
 POSITIVE = {"topology.world_size", "topology.tp", "topology.pp", "topology.micro_batches",
             "workload.batch_size", "workload.input_len", "workload.output_len",
@@ -212,6 +223,9 @@ def config_from_dict(data: dict) -> RunConfig:
     data = dict(data)
     if isinstance(data.get("strategy"), str):
         data["strategy"] = ALIASES.get(data["strategy"], data["strategy"])
+    engine = data.get("engine")
+    if isinstance(engine, dict) and engine.get("compile") is False:
+        data["engine"] = {**engine, "compile": "off"}  # YAML 1.1 reads a bare `off` as false
     cfg = _build(RunConfig, data)
     _check_values(cfg)
     return cfg

@@ -44,7 +44,7 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
         memory.stop()
 
         out.update(
-            ttft_s=[b.ttft_s for b in timing.batches],
+            ttft_s=[x for b in timing.batches for x in b.ttfts_s],
             tpot_s=[x for b in timing.batches for x in b.tpot_s],
             e2e_s=[b.e2e_s for b in timing.batches],
             iteration_wall_s=timing.iteration_wall_s,

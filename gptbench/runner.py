@@ -18,6 +18,13 @@ class BatchTiming:
     ttft_s: float
     tpot_s: list[float]
     e2e_s: float
+    # TTFT of each group of sequences whose first tokens appear apart (the micro-batches of
+    # the in-flight pipeline schedule); None: the whole batch's tokens appear together
+    ttft_groups_s: list[float] | None = None
+
+    @property
+    def ttfts_s(self) -> list[float]:
+        return self.ttft_groups_s or [self.ttft_s]
 
 
 @dataclass
@@ -46,7 +53,14 @@ def generate_batch(gen, ids: torch.Tensor, output_len: int, clock: Callable = ti
     """Exactly `output_len` greedy tokens per sequence (EOS ignored): 1 prefill + n-1 decodes.
 
     Returns (tokens (B, output_len), [last-position logits per step or None], BatchTiming).
+    A generator that runs its own loop (Hugging Face `generate`, the in-flight pipeline
+    schedule) times itself through `generate_timed` with the same clock and sync.
     """
+    if hasattr(gen, "generate_timed"):
+        tokens, logits, timing = gen.generate_timed(ids, output_len, clock, sync, hook)
+        if decode_input_lens is not None and output_len > 1:
+            decode_input_lens.add(1)
+        return tokens, logits, timing
     hook("prefill")
     sync()
     start = clock()

@@ -28,6 +28,7 @@ class RunPlan:
     micro_batches: int
     threads: int
     model_dims: dict  # name, weights, preset, n_layer, n_head, n_embd, vocab_size, n_positions
+    compile_mode: str = "off"  # effective engine.compile: off | default | reduce-overhead
 
     def load_model(self):
         from gptbench.models import load_model
@@ -173,10 +174,10 @@ def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
         raise UserError("engine.cuda_graph needs engine.kernel_inject: true")
     if (e.kernel_inject or e.cuda_graph) and grid.pp > 1:
         raise UserError("engine.kernel_inject/cuda_graph: not available inside a PipelineModule")
-    if e.backend == "hf_eager" and (cfg.strategy != "pure_data_parallel"
-                                    or e.kernel_inject or e.cuda_graph):
-        raise UserError("engine.backend: hf_eager is the plain Hugging Face model: only with "
-                        "pure_data_parallel and without kernel_inject/cuda_graph")
+    if e.backend != "deepspeed" and (cfg.strategy != "pure_data_parallel"
+                                     or e.kernel_inject or e.cuda_graph):
+        raise UserError(f"engine.backend: {e.backend} is the plain Hugging Face model: only "
+                        "with pure_data_parallel and without kernel_inject/cuda_graph")
     if e.kernel_inject:
         _check_kernel_transformers()
     if cfg.engine.backend == "deepspeed":
@@ -187,7 +188,45 @@ def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
     if (e.kernel_inject or e.cuda_graph) and device.type != "cuda":
         raise UserError("engine.kernel_inject/cuda_graph: DeepSpeed's fused kernels are CUDA-only")
     dtype = select_dtype(cfg, device)
+    compile_mode = resolve_compile(cfg, device.type)
+    check_schedule(cfg, grid, m)
     local_size = local_size or world_size
     threads = e.threads or max(1, (os.cpu_count() or 1) // local_size)
     return RunPlan(cfg=cfg, grid=grid, run_id=run_id_for(cfg, world_size), device=device,
-                   dtype=dtype, micro_batches=m, threads=threads, model_dims=dims)
+                   dtype=dtype, micro_batches=m, threads=threads, model_dims=dims,
+                   compile_mode=compile_mode)
+
+
+def resolve_compile(cfg: RunConfig, device_type: str) -> str:
+    """The effective engine.compile of this run (gptbench/compiled.py), or UserError."""
+    from gptbench.compiled import effective_mode
+
+    e = cfg.engine
+    if e.backend == "hf_eager":
+        if e.compile not in ("auto", "off"):
+            raise UserError(f"engine.compile={e.compile}: hf_eager is the eager baseline; "
+                            "use engine.backend: hf_compiled for Hugging Face's compiled path")
+        return "off"
+    if e.kernel_inject or e.cuda_graph:
+        if e.compile not in ("auto", "off"):
+            raise UserError(f"engine.compile={e.compile} does not combine with DeepSpeed's "
+                            "engine.kernel_inject/cuda_graph (their own kernels and graph "
+                            "capture); set engine.compile: off")
+        return "off"
+    if e.backend == "hf_compiled":
+        if e.compile == "off":
+            raise UserError("engine.backend: hf_compiled with engine.compile: off is hf_eager "
+                            "with a static cache; choose one (hf_eager, or compile auto/default)")
+        # `auto` compiles here even on CPU: the backend's name says so
+        return effective_mode("reduce-overhead" if e.compile == "auto" else e.compile,
+                              device_type)
+    return effective_mode(e.compile, device_type)
+
+
+def check_schedule(cfg: RunConfig, grid: Grid, micro_batches: int) -> None:
+    """The in-flight pipeline schedule needs a micro-batch for every stage to keep busy."""
+    if grid.pp > 1 and cfg.topology.pipeline_schedule == "in_flight" and micro_batches < grid.pp:
+        raise UserError(
+            f"topology.pipeline_schedule=in_flight needs micro_batches >= pp: {micro_batches} "
+            f"micro-batch(es) cannot keep {grid.pp} stages busy (raise workload.batch_size / "
+            f"topology.micro_batches, or use topology.pipeline_schedule=flush)")

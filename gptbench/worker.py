@@ -18,6 +18,7 @@ import traceback
 import torch
 
 from gptbench import faults, parity, results
+from gptbench.compiled import CompileStats
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
 from gptbench.runplan import RunPlan, resolve, run_id_for
@@ -109,17 +110,42 @@ def run_rank(plan: RunPlan, rank: int, inject) -> tuple[dict, dict]:
     ref = parity.reference(model, probe, cfg.parity.tokens) if cfg.parity.enabled else None
     ctx = RankContext(cfg=cfg, grid=grid, rank=rank, device=plan.device, dtype=plan.dtype,
                       model=model, tp_group=tp_group, tp_ranks=tp_ranks,
-                      info={"micro_batches": plan.micro_batches, "params": params})
+                      info={"micro_batches": plan.micro_batches, "params": params,
+                            "compile_mode": plan.compile_mode})
     gen = REGISTRY[cfg.strategy](ctx)
     del model, ctx.model
     gc.collect()  # the unsharded copy: this rank keeps only its shard
     if plan.device.type == "cuda":
         torch.cuda.empty_cache()
+    compiled = compile_warmup(gen, plan, batches, probe)
     mine = measure.measure_rank(gen, batches, probe, ref, plan, rank, inject, ctx.info)
+    mine["compile"] = {**compiled, "graphs_while_measuring":
+                       CompileStats.since(compiled.pop("_after")).graphs}
     mine["is_output"] = is_output
     mine["params"] = sum(p.numel() for p in gen.module.parameters())
     mine["shm_allreduce"] = _shm_allreduce_active()
     return mine, ctx.info
+
+
+def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
+    """Compile every shape the measured region will see, untimed: the workload's batch and
+    the parity probe, prefill and decode, each called often enough for CUDA graphs to be
+    recorded and replayed (compiled.WARMUP_CALLS). Returns torch's compile counters."""
+    from gptbench import runner
+    from gptbench.compiled import WARMUP_CALLS, snapshot
+
+    start = snapshot()
+    wall = time.perf_counter()
+    if plan.compile_mode != "off":
+        steps = min(plan.cfg.workload.output_len, WARMUP_CALLS)
+        with torch.no_grad():
+            for ids in {tuple(b.shape): b for b in (batches[0], probe)}.values():
+                for _ in range(WARMUP_CALLS):
+                    runner.generate_batch(gen, ids, steps)
+    stats = CompileStats.since(start)
+    return {"mode": plan.compile_mode, "compile_s": stats.compile_s,
+            "warmup_wall_s": time.perf_counter() - wall, "graph_breaks": stats.graph_breaks,
+            "graphs": stats.graphs, "_after": snapshot()}
 
 
 def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -> dict:
@@ -138,10 +164,13 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["engine"]["threads_per_rank"] = torch.get_num_threads()
     record["engine"]["shm_allreduce"] = any(r["shm_allreduce"] for r in ranks)
     record["engine"]["deepspeed_config"] = info.get("deepspeed_config")
+    record["engine"]["compile"] = plan.compile_mode
+    record["topology"]["pipeline_schedule"] = info.get("pipeline_schedule")
     metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
     metrics["roofline"], roof_reason = measure.roofline(plan, model, metrics, record["env"])
     if roof_reason:
         reasons["metrics.roofline.fraction_of_peak"] = roof_reason
+    metrics.update(compile_metrics(ranks, plan.compile_mode, reasons))
     record["metrics"], record["null_reasons"] = metrics, reasons
     record["parity"] = results.aggregate_parity(ranks)
     if record["parity"] is None:
@@ -150,6 +179,22 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["wall_s"] = time.time() - started
     results.write_json_atomic(results.run_path(plan.cfg.output_dir, plan.run_id), record)
     return record
+
+
+def compile_metrics(ranks: list[dict], mode: str, reasons: dict) -> dict:
+    """compile_s: the slowest rank's seconds in dynamo/inductor (ranks compile in parallel);
+    graph_breaks / graphs: the most any rank saw; graphs_while_measuring > 0 means a shape
+    was compiled inside the measured region (parity, timed or profiled batches)."""
+    if mode == "off":
+        for key in ("compile_s", "graph_breaks"):
+            reasons[f"metrics.{key}"] = "engine.compile is off for this run"
+        return {"compile_s": None, "graph_breaks": None, "compile": None}
+    c = [r["compile"] for r in ranks]
+    return {"compile_s": max(x["compile_s"] for x in c),
+            "graph_breaks": max(x["graph_breaks"] for x in c),
+            "compile": {"warmup_wall_s": max(x["warmup_wall_s"] for x in c),
+                        "graphs": max(x["graphs"] for x in c),
+                        "graphs_while_measuring": max(x["graphs_while_measuring"] for x in c)}}
 
 
 def fail(cfg: RunConfig, run_id: str, world: int, rank: int, exc: BaseException) -> None:

@@ -65,3 +65,49 @@ class CachedLM:
 
     def decode(self, tokens):
         return self._run(tokens[:, None])
+
+
+class StaticLM:
+    """Greedy stepping over a static KV cache, through a (possibly compiled) forward.
+
+    `forward` is the model or DeepSpeed engine whose module was compiled; `model` the Hugging
+    Face module it runs (its config and, after AutoTP, its sharded head counts size the cache).
+    One cache per batch size (a parity probe may be smaller than the workload's batches); a
+    new batch starts by zeroing the cache in place, so CUDA graphs keep their addresses.
+    """
+
+    def __init__(self, forward, model, max_len: int, device, dtype, cudagraphs: bool):
+        self.forward, self.model = forward, model
+        self.max_len, self.device, self.dtype = max_len, device, dtype
+        self.cudagraphs = cudagraphs
+        self.caches: dict[int, object] = {}
+        self.cache = None
+
+    @property
+    def module(self):
+        return getattr(self.forward, "module", self.forward)
+
+    def _run(self, ids: torch.Tensor) -> Step:
+        from gptbench.compiled import mark_step
+
+        if self.cudagraphs:
+            mark_step()
+        out = self.forward(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :]  # (B, V)
+        if self.cudagraphs:
+            logits = logits.clone()  # the graph's output buffer is rewritten by the next replay
+        return Step(tokens=logits.argmax(dim=-1), logits=logits, input_len=ids.shape[1])
+
+    def prefill(self, input_ids):
+        from gptbench.compiled import heads_per_block, static_cache
+
+        batch = input_ids.shape[0]
+        if batch not in self.caches:
+            self.caches[batch] = static_cache(self.model.config, heads_per_block(self.model),
+                                              batch, self.max_len, self.dtype, self.device)
+        self.cache = self.caches[batch]
+        self.cache.reset()
+        return self._run(input_ids)
+
+    def decode(self, tokens):
+        return self._run(tokens[:, None])

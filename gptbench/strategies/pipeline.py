@@ -1,13 +1,23 @@
 """pipeline_data_hybrid and full_model_parallel: GPT-2 as a DeepSpeed `PipelineModule`.
 
-Stages own contiguous layers (embedding, blocks, final norm + LM head); activations flow
-stage to stage by p2p send/recv inside `PipelineEngine.eval_batch`, `micro_batches`
-micro-batches in flight so stages overlap. PipelineEngine has no KV cache, so each stage
-keeps one Hugging Face `DynamicCache` per micro-batch inside its layers; positions travel
-with the activations. The last stage picks the greedy tokens and broadcasts them over the
-pipe group, so every rank returns them; only the last stage returns logits.
-With tp>1 (full_model_parallel) the blocks are first sharded with AutoTP over each
-stage's model-parallel group, and the last stage's LM head all-reduces over it too.
+Stages own contiguous layers ([embedding, blocks..., final norm + LM head], partitioned by
+DeepSpeed over what each rank really holds); each stage keeps one KV cache per micro-batch
+(static when compiled) and runs its layers as one function (`Stage`, compiled as one graph
+per shape). Two schedules over the same partition, topology and process groups:
+
+- `in_flight` (default): micro-batch k's next token, picked on the last stage, goes back to
+  the first stage by p2p, which starts k's next step while the other micro-batches are still
+  in later stages: the pipeline fills and drains once per generation (bubble ~
+  (p-1)/(N*m+p-1) for N tokens). Non-blocking sends, no barrier, no host sync in the loop
+  (on CUDA the token times are events read after the batch). The last stage broadcasts the
+  batch's tokens over the pipe group once at the end, so every rank returns them.
+- `flush`: one `PipelineEngine.eval_batch` per token (DeepSpeed's schedule: fill, drain and
+  a global barrier every token; bubble (p-1)/(m+p-1)); the last stage broadcasts each
+  step's tokens over the pipe group. Kept as the reference.
+
+With tp>1 (full_model_parallel) the blocks are first sharded with AutoTP over each stage's
+model-parallel group; every tensor rank of a stage runs the same schedule and exchanges
+activations with its peer (same tensor rank) in the neighbouring stages.
 """
 from __future__ import annotations
 
@@ -17,29 +27,21 @@ import torch
 from torch import nn
 
 from gptbench import dsconfig
+from gptbench.runner import BatchTiming
 from gptbench.strategies.base import RankContext, Step
-
-MB_ID, POS = 1, 2  # positions of the micro-batch id and the positions in the activation tuple
 
 
 class PipeState:
-    """Per-stage state shared by its layers: one KV cache per micro-batch, busy time."""
+    """Per-stage profiling of one profiled batch: compute (busy) and receive (blocked) time."""
 
-    def __init__(self, config, device):
-        self.config, self.device = config, device
-        self.caches: dict[int, object] = {}
+    def __init__(self, device):
+        self.device = device
         self.profile = False
         self.busy_s = 0.0
-        self.input_lens: list[int] = []  # tokens per sequence entering the first stage
-
-    def cache(self, mb: int):
-        from transformers import DynamicCache
-
-        if mb not in self.caches:
-            self.caches[mb] = DynamicCache(config=self.config)
-        return self.caches[mb]
+        self.recv_s = 0.0
 
     def timed(self, fn, *args):
+        """fn(*args), its device time added to busy_s while profiling."""
         if not self.profile:
             return fn(*args)
         _sync(self.device)
@@ -49,45 +51,267 @@ class PipeState:
         self.busy_s += time.perf_counter() - t0
         return out
 
+    def recv(self, buf, src: int):
+        """A blocking receive into `buf`, its wait added to recv_s while profiling."""
+        t0 = time.perf_counter() if self.profile else None
+        torch.distributed.recv(buf, src=src)
+        if t0 is not None:
+            _sync(self.device)
+            self.recv_s += time.perf_counter() - t0
+        return buf
+
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+# The PipelineModule's layers: thin holders of the Hugging Face modules, partitioned by
+# DeepSpeed. A rank runs its own through `Stage`, never one by one.
 class EmbedLayer(nn.Module):
-    def __init__(self, wte, wpe, state: PipeState):
+    def __init__(self, wte, wpe):
         super().__init__()
-        self.wte, self.wpe, self.state = wte, wpe, state
-
-    def forward(self, inputs):
-        ids, mb, pos = inputs  # (mb, T), (1,), (mb, T)
-        self.state.input_lens.append(ids.shape[1])
-        hidden = self.state.timed(lambda: self.wte(ids) + self.wpe(pos))  # (mb, T, d)
-        return hidden, mb, pos
+        self.wte, self.wpe = wte, wpe
 
 
 class BlockLayer(nn.Module):
-    def __init__(self, block, state: PipeState):
+    def __init__(self, block, index: int):
         super().__init__()
-        self.block, self.state = block, state
-
-    def forward(self, inputs):
-        hidden, mb, pos = inputs
-        cache = self.state.cache(int(mb.item()))
-        # attention_mask None: SDPA applies the causal mask itself for T > 1 (no padding).
-        hidden = self.state.timed(lambda: self.block(hidden, cache, None, use_cache=True))
-        return hidden, mb, pos
+        self.block, self.index = block, index
 
 
 class HeadLayer(nn.Module):
-    def __init__(self, ln_f, lm_head, state: PipeState):
+    def __init__(self, ln_f, lm_head):
         super().__init__()
-        self.ln_f, self.lm_head, self.state = ln_f, lm_head, state
+        self.ln_f, self.lm_head = ln_f, lm_head
 
-    def forward(self, inputs):
-        hidden, _, _ = inputs
-        return self.state.timed(lambda: self.lm_head(self.ln_f(hidden[:, -1:, :]))[:, -1, :])
+
+class Stage:
+    """This rank's layers as one function of (input, micro-batch), one KV cache each.
+
+    Input: token ids (mb, T) on the first stage, hidden states (mb, T, d) elsewhere.
+    Output: hidden states, or the last position's logits (mb, V) on the last stage."""
+
+    def __init__(self, layers, config, heads: list[int], state: PipeState, device, dtype,
+                 mode: str, max_len: int):
+        from gptbench.compiled import compile_kwargs
+
+        self.embed = next((l for l in layers if isinstance(l, EmbedLayer)), None)
+        self.blocks = [l for l in layers if isinstance(l, BlockLayer)]
+        self.head = next((l for l in layers if isinstance(l, HeadLayer)), None)
+        self.config, self.heads, self.state = config, heads, state
+        self.device, self.dtype, self.mode, self.max_len = device, dtype, mode, max_len
+        self.cudagraphs = mode == "reduce-overhead"
+        self.fn = (self.forward if mode == "off"
+                   else torch.compile(self.forward, **compile_kwargs(mode)))
+        self.caches: dict[int, list] = {}  # micro-batch size -> [(cache, next position)] per k
+        self.active: list = []
+
+    def begin(self, mb_size: int, m: int) -> None:
+        """A new generation of m micro-batches of mb_size sequences: empty caches."""
+        from gptbench import compiled
+
+        if self.mode == "off":  # eager: Hugging Face's dynamic cache, grown as it goes
+            from transformers import DynamicCache
+
+            self.active = [(DynamicCache(config=self.config), torch.zeros(
+                (), dtype=torch.long, device=self.device)) for _ in range(m)]
+            return
+        if len(self.caches.get(mb_size, [])) < m:
+            layers = [b.index for b in self.blocks]
+            self.caches[mb_size] = [
+                (compiled.static_cache(self.config, self.heads, mb_size, self.max_len,
+                                       self.dtype, self.device, layers),
+                 compiled.static_counter(self.device)) for _ in range(m)]
+        self.active = self.caches[mb_size][:m]
+        for cache, position in self.active:
+            cache.reset()
+            position.zero_()
+
+    def run(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        cache, position = self.active[k]
+        if self.cudagraphs:
+            from gptbench.compiled import mark_step
+
+            mark_step()
+            return self.state.timed(lambda: self.fn(x, cache, position).clone())
+        return self.state.timed(self.fn, x, cache, position)
+
+    def forward(self, x, cache, position):
+        from transformers.masking_utils import create_causal_mask
+
+        length = x.shape[1]
+        pos = torch.arange(length, device=x.device) + position  # (T,)
+        position.add_(length)
+        if self.embed is not None:
+            x = self.embed.wte(x) + self.embed.wpe(pos)  # (mb, T, d)
+        if self.blocks:
+            # Sized against this stage's first block: its cache layer knows how far we are.
+            mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None,
+                                      cache=cache, position_ids=pos[None],
+                                      layer_idx=self.blocks[0].index)
+            for layer in self.blocks:
+                x = layer.block(x, cache, mask, use_cache=True, position_ids=pos[None])
+        if self.head is not None:
+            x = self.head.lm_head(self.head.ln_f(x[:, -1:, :]))[:, -1, :]  # (mb, V)
+        return x
+
+
+class _Peers:
+    """This rank's neighbours in its pipe (same replica, same tensor rank)."""
+
+    def __init__(self, grid, rank: int, pipe_group):
+        p, d, t = grid.coords(rank)
+        self.stage, self.stages = p, grid.pp
+        self.prev = grid.rank(p - 1, d, t) if p > 0 else None
+        self.next = grid.rank(p + 1, d, t) if p < grid.pp - 1 else None
+        self.first, self.last = grid.rank(0, d, t), grid.rank(grid.pp - 1, d, t)
+        self.group = pipe_group
+
+    @property
+    def is_first(self):
+        return self.prev is None
+
+    @property
+    def is_last(self):
+        return self.next is None
+
+
+class _Stamps:
+    """When tokens appear on this rank: CUDA events (read after the batch, no host sync in
+    the loop) on GPUs, the host clock on CPU."""
+
+    def __init__(self, device, clock, sync):
+        self.events = device.type == "cuda"
+        self.clock, self.sync = clock, sync
+        self.start = None
+
+    def mark(self):
+        if self.events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return self.clock()
+
+    def begin(self):
+        self.sync()
+        self.start = self.mark()
+
+    def seconds(self, marks):
+        """Seconds since `begin` of each mark (nested lists kept)."""
+        if self.events:
+            torch.cuda.synchronize()
+            return [[self.start.elapsed_time(e) / 1e3 for e in row] for row in marks]
+        return [[t - self.start for t in row] for row in marks]
+
+
+class InFlightGenerator:
+    """The in-flight schedule; `generate_timed` runs a whole batch (runner.generate_batch)."""
+
+    def __init__(self, engine, stage: Stage, peers: _Peers, m: int, n_embd: int):
+        self.engine, self.stage, self.peers, self.m, self.n_embd = engine, stage, peers, m, n_embd
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def _recv_hidden(self, mb: int, length: int):
+        buf = torch.empty((mb, length, self.n_embd), dtype=self.stage.dtype,
+                          device=self.stage.device)
+        return self.stage.state.recv(buf, self.peers.prev)
+
+    def _recv_tokens(self, mb: int):
+        buf = torch.empty((mb,), dtype=torch.long, device=self.stage.device)
+        return self.stage.state.recv(buf, self.peers.last)
+
+    def generate_timed(self, ids, output_len: int, clock, sync, hook):
+        peers, m = self.peers, self.m
+        b, length = ids.shape
+        mb = b // m
+        chunks = ids.chunk(m)  # (mb, T) each; only the first stage reads them
+        self.stage.begin(mb, m)
+        stamps = _Stamps(self.stage.device, clock, sync)
+        sends, marks = [], [[] for _ in range(m)]
+        tokens = [[] for _ in range(m)]
+        logits = [[None] * m for _ in range(output_len)]
+        hook("prefill")
+        stamps.begin()
+        for step in range(output_len):
+            if step == 1:
+                hook("decode")
+            for k in range(m):
+                if peers.is_first:
+                    x = chunks[k] if step == 0 else self._recv_tokens(mb)[:, None]
+                else:
+                    x = self._recv_hidden(mb, length if step == 0 else 1)
+                y = self.stage.run(x, k)
+                if not peers.is_last:
+                    sends.append(torch.distributed.isend(y, peers.next))
+                    continue
+                token = y.argmax(-1)  # (mb,)
+                logits[step][k], marks[k] = y, marks[k] + [stamps.mark()]
+                tokens[k].append(token)
+                if step < output_len - 1:
+                    sends.append(torch.distributed.isend(token, peers.first))
+        for work in sends:
+            work.wait()
+        out = (torch.cat([torch.stack(t, dim=1) for t in tokens]) if peers.is_last
+               else torch.empty((b, output_len), dtype=torch.long, device=ids.device))
+        torch.distributed.broadcast(out, src=peers.last, group=peers.group)  # (B, n)
+        sync()
+        end = stamps.mark()
+        return out, self._logits(logits), self._timing(stamps, marks, end)
+
+    def _logits(self, logits):
+        if not self.peers.is_last:
+            return [None] * len(logits)
+        return [torch.cat(row) for row in logits]  # (B, V) per step
+
+    def _timing(self, stamps, marks, end) -> BatchTiming:
+        if not self.peers.is_last:  # no token appears here: only this rank's wall time
+            wall = stamps.seconds([[end]])[0][0]
+            return BatchTiming(ttft_s=wall, tpot_s=[], e2e_s=wall)
+        seconds = stamps.seconds(marks)  # per micro-batch: when each of its tokens appeared
+        ttft = [row[0] for row in seconds]
+        tpot = [b - a for row in seconds for a, b in zip(row, row[1:])]
+        return BatchTiming(ttft_s=ttft[0], tpot_s=tpot, e2e_s=max(row[-1] for row in seconds),
+                           ttft_groups_s=ttft)
+
+
+class FlushGenerator:
+    """DeepSpeed's schedule: one `eval_batch` per token over the stage function."""
+
+    def __init__(self, engine, stage: Stage, peers: _Peers, m: int):
+        self.engine, self.stage, self.peers, self.m = engine, stage, peers, m
+        self.next_k = 0
+        engine.module.forward_funcs = [self._stage_call]  # PipelineModule runs exactly this
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def _stage_call(self, x):
+        k, self.next_k = self.next_k, self.next_k + 1  # eval_batch runs micro-batches in order
+        return self.stage.run(x, k)
+
+    def _run(self, ids: torch.Tensor) -> Step:
+        self.next_k = 0
+        batches = iter([(x, None) for x in ids.chunk(self.m)])
+        self.engine.total_loss = None  # eval_batch accumulates it and never resets it
+        out = self.engine.eval_batch(batches, return_logits=False, compute_loss=False,
+                                     reduce_output=None, num_micro_batches=self.m)
+        logits = torch.cat(out) if self.peers.is_last else None  # (B, V)
+        tokens = (logits.argmax(-1) if logits is not None
+                  else torch.empty(ids.shape[0], dtype=torch.long, device=ids.device))
+        torch.distributed.broadcast(tokens, src=self.peers.last, group=self.peers.group)
+        return Step(tokens=tokens, logits=logits, input_len=ids.shape[1])
+
+    def prefill(self, input_ids):
+        self.stage.begin(input_ids.shape[0] // self.m, self.m)
+        return self._run(input_ids)
+
+    def decode(self, tokens):
+        return self._run(tokens[:, None])
 
 
 def _topology(grid, choice: str):
@@ -99,66 +323,52 @@ def _topology(grid, choice: str):
     return PipeDataParallelTopology(num_pp=grid.pp, num_dp=grid.dp)
 
 
-def _layer_specs(model, state):
+def _layer_specs(model):
     from deepspeed.pipe import LayerSpec
 
     t = model.transformer
-    return ([LayerSpec(EmbedLayer, t.wte, t.wpe, state)]
-            + [LayerSpec(BlockLayer, block, state) for block in t.h]
-            + [LayerSpec(HeadLayer, t.ln_f, model.lm_head, state)])
+    return ([LayerSpec(EmbedLayer, t.wte, t.wpe)]
+            + [LayerSpec(BlockLayer, block, i) for i, block in enumerate(t.h)]
+            + [LayerSpec(HeadLayer, t.ln_f, model.lm_head)])
 
 
-class PipelineGenerator:
-    def __init__(self, engine, state: PipeState, micro_batches: int, pipe_group, last_rank):
-        self.engine, self.state, self.m = engine, state, micro_batches
-        self.pipe_group, self.last_rank = pipe_group, last_rank
-        self.pos = None  # (B, 1) next position of each sequence
+def partition_module(model, grid, cfg):
+    """The PipelineModule over what each rank really holds.
 
-    @property
-    def module(self):
-        return self.engine.module
-
-    def _run(self, ids: torch.Tensor, pos: torch.Tensor) -> Step:
-        mbs = list(zip(ids.chunk(self.m), pos.chunk(self.m)))
-        batches = iter([((x, torch.tensor([i], device=x.device), p), None)
-                        for i, (x, p) in enumerate(mbs)])
-        self.engine.total_loss = None  # eval_batch accumulates it and never resets it
-        out = self.engine.eval_batch(batches, return_logits=False, compute_loss=False,
-                                     reduce_output=None, num_micro_batches=self.m)
-        logits = torch.cat(out) if self.engine.is_last_stage() else None  # (B, V)
-        tokens = (logits.argmax(-1) if logits is not None
-                  else torch.empty(ids.shape[0], dtype=torch.long, device=ids.device))
-        torch.distributed.broadcast(tokens, src=self.last_rank, group=self.pipe_group)
-        self.pos = pos[:, -1:] + 1
-        return Step(tokens=tokens, logits=logits, input_len=ids.shape[1])
-
-    def prefill(self, input_ids):
-        self.state.caches.clear()
-        b, t = input_ids.shape
-        pos = torch.arange(t, device=input_ids.device).expand(b, t)
-        return self._run(input_ids, pos)
-
-    def decode(self, tokens):
-        return self._run(tokens[:, None], self.pos)
-
-
-def build(ctx: RankContext) -> PipelineGenerator:
-    import deepspeed
+    DeepSpeed's `partition_method: parameters` counts only parameters that require grad, and
+    AutoTP marks the weights it shards as not requiring grad: counted as they are, a sharded
+    GPT-2 XL splits as [embedding] | [48 blocks + head]. So every weight is counted while the
+    partition is made (this rank's sharded sizes), then frozen again: inference only."""
     from deepspeed.pipe import PipelineModule
 
-    cfg, grid = ctx.cfg, ctx.grid
-    model = ctx.model
+    params = list(model.parameters())
+    frozen = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        return PipelineModule(layers=_layer_specs(model), loss_fn=None,
+                              topology=_topology(grid, cfg.topology.pipe_topology),
+                              dynamic_shape=True,
+                              partition_method=cfg.topology.partition_method)
+    finally:
+        for p, flag in zip(params, frozen):
+            p.requires_grad_(flag)
+
+
+def build(ctx: RankContext):
+    import deepspeed
+
+    from gptbench.compiled import heads_per_block
+
+    cfg, grid, model = ctx.cfg, ctx.grid, ctx.model
     if grid.tp > 1:
         from gptbench.autotp import apply_tp, heads_per_rank
 
         apply_tp(model, grid.tp, ctx.tp_group, ctx.tp_ranks, ctx.dtype)
         ctx.info["heads_per_tp_rank"] = heads_per_rank(model.config.n_head, grid.tp)
-    model.config._attn_implementation = "sdpa"  # see BlockLayer: the causal mask comes from SDPA
-    state = PipeState(model.config, ctx.device)
-    net = PipelineModule(layers=_layer_specs(model, state), loss_fn=None,
-                         topology=_topology(grid, cfg.topology.pipe_topology),
-                         dynamic_shape=True,
-                         partition_method=cfg.topology.partition_method)
+    model.config._attn_implementation = "sdpa"
+    heads = heads_per_block(model)
+    net = partition_module(model, grid, cfg)
     m = ctx.info["micro_batches"]
     ds_config = dsconfig.pipeline_config(cfg, m)
     ctx.info["deepspeed_config"] = ds_config
@@ -166,11 +376,18 @@ def build(ctx: RankContext) -> PipelineGenerator:
         spec.module_args = ()
     engine, *_ = deepspeed.initialize(model=net, config=ds_config)
     engine.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
     parts = net.parts  # layer boundaries per stage: stage s owns [parts[s], parts[s+1])
     ctx.info["stage_layers"] = [[int(parts[s]), int(parts[s + 1])] for s in range(grid.pp)]
-    ctx.info["pipe_state"] = state
     ctx.info["pipe_topology"] = type(net._topo).__name__
-    p, d, t = grid.coords(ctx.rank)
-    pipe_ranks = [grid.rank(s, d, t) for s in range(grid.pp)]
-    pipe_group = engine.grid.get_pipe_parallel_group()
-    return PipelineGenerator(engine, state, m, pipe_group, pipe_ranks[-1])
+    ctx.info["pipeline_schedule"] = cfg.topology.pipeline_schedule
+    state = PipeState(ctx.device)
+    ctx.info["pipe_state"] = state
+    w = cfg.workload
+    stage = Stage(net.forward_funcs, model.config, heads, state, ctx.device, ctx.dtype,
+                  ctx.info["compile_mode"], w.input_len + w.output_len)
+    peers = _Peers(grid, ctx.rank, engine.grid.get_pipe_parallel_group())
+    if cfg.topology.pipeline_schedule == "flush":
+        return FlushGenerator(engine, stage, peers, m)
+    return InFlightGenerator(engine, stage, peers, m, model.config.n_embd)
