@@ -20,6 +20,8 @@ CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
 FP32_BOUND = 1e-4
 BF16_BOUND = 0.25  # bf16 keeps 8 bits of mantissa: logits of magnitude ~10 move by ~0.05
 
+SCHEDULE = "topology.pipeline_schedule"
+COMPILE = "engine.compile=default"
 # id: (ranks, overrides)
 RUNS = {
     "dp2": (2, ["strategy=dp"]),
@@ -29,13 +31,28 @@ RUNS = {
     "tp2dp2": (4, ["strategy=tp", "topology.tp=2"]),
     "tp2-untied": (2, ["strategy=tp", "model.tie_embeddings=false"]),
     "tp2-bf16": (2, ["strategy=tp", "workload.dtype=bfloat16"]),
-    "pp2-m1": (2, ["strategy=pp", "topology.micro_batches=1"]),
+    "pp2-m1": (2, ["strategy=pp", "topology.micro_batches=1", f"{SCHEDULE}=flush"]),
     "pp2-m2": (2, ["strategy=pp", "topology.micro_batches=2"]),
+    "pp2-m2-flush": (2, ["strategy=pp", "topology.micro_batches=2", f"{SCHEDULE}=flush"]),
     "pp2-m4": (2, ["strategy=pp", "topology.micro_batches=4"]),
+    "pp4": (4, ["strategy=pp", "topology.pp=4"]),
     "pp2dp2": (4, ["strategy=pp", "topology.pp=2"]),
     "pp2dp2-model-topo": (4, ["strategy=pp", "topology.pipe_topology=PipeModelDataParallelTopology"]),
     "full": (4, ["strategy=full", "topology.tp=2", "topology.pp=2"]),
+    "full-flush": (4, ["strategy=full", "topology.tp=2", "topology.pp=2", f"{SCHEDULE}=flush"]),
+    # DeepSpeed's parameter-count partition, on what each rank really holds
+    "pp2-params": (2, ["strategy=pp", "topology.partition_method=parameters"]),
+    "full-params": (4, ["strategy=full", "topology.tp=2", "topology.pp=2",
+                        "topology.partition_method=parameters"]),
+    # compiled decode over a static KV cache (inductor on CPU), every strategy
+    "dp1-compiled": (1, ["strategy=dp", COMPILE]),
+    "hf-compiled": (1, ["strategy=dp", "engine.backend=hf_compiled"]),
+    "tp2-compiled": (2, ["strategy=tp", "topology.tp=2", COMPILE]),
+    "pp2-compiled": (2, ["strategy=pp", COMPILE]),
+    "pp2-flush-compiled": (2, ["strategy=pp", COMPILE, f"{SCHEDULE}=flush"]),
+    "full-compiled": (4, ["strategy=full", "topology.tp=2", "topology.pp=2", COMPILE]),
 }
+COMPILED = [k for k in RUNS if "compiled" in k]
 COMMON = ["workload.output_len=6", "workload.num_samples=4", "workload.iterations=1",
           "workload.warmup=0", "parity.samples=4", "parity.tokens=6",
           "engine.comm_timeout_s=60", "timeout_s=240"]
@@ -94,10 +111,55 @@ def test_tensor_shards_are_really_sharded(records):
 
 def test_pipeline_stages_own_disjoint_layers_covering_all(records):
     n_layers = records["pp2-m2"]["model"]["n_layer"] + 2  # embedding, blocks, head
-    for run_id in ("pp2-m1", "pp2-m2", "pp2-m4", "pp2dp2", "full"):
+    for run_id in ("pp2-m1", "pp2-m2", "pp2-m4", "pp4", "pp2dp2", "full"):
         stages = records[run_id]["topology"]["stage_layers"]
         assert stages[0][0] == 0 and stages[-1][1] == n_layers
         assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(stages, stages[1:]))
+
+
+@pytest.mark.parametrize("run_id", ["pp2-params", "full-params"])
+def test_parameter_partition_balances_what_ranks_hold(records, run_id):
+    """AutoTP marks its shards as not requiring grad, which DeepSpeed's parameter count
+    skips: unfixed, full_model_parallel put the embedding alone on stage 0."""
+    r = records[run_id]
+    stages = r["topology"]["stage_layers"]
+    assert all(last - first >= 2 for first, last in stages), stages  # every stage has work
+    assert stages[0][1] >= 2  # the embedding shares stage 0 with blocks
+    held = r["topology"]["params_per_rank"]
+    assert max(held) / min(held) < 1.5, held
+
+
+def test_schedules_recorded(records):
+    for run_id in ("pp2-m2", "pp2-m4", "pp4", "pp2dp2", "full", "pp2-compiled"):
+        assert records[run_id]["topology"]["pipeline_schedule"] == "in_flight"
+    for run_id in ("pp2-m1", "pp2-m2-flush", "full-flush", "pp2-flush-compiled"):
+        assert records[run_id]["topology"]["pipeline_schedule"] == "flush"
+    assert records["tp2"]["topology"]["pipeline_schedule"] is None
+
+
+def test_in_flight_times_each_micro_batch(records):
+    """In flight, micro-batches' first tokens appear apart: one TTFT per micro-batch."""
+    for run_id, m in (("pp2-m2", 2), ("pp2-m4", 4), ("pp2-m2-flush", 1)):
+        r = records[run_id]
+        w = r["workload"]
+        batches = w["num_samples"] // w["batch_size"] * w["iterations"]
+        assert r["metrics"]["ttft_ms"]["count"] == batches * m
+
+
+@pytest.mark.parametrize("run_id", COMPILED)
+def test_compiled_runs_compile_once_without_graph_breaks(records, run_id):
+    r = records[run_id]
+    assert r["engine"]["compile"] == "default"
+    m = r["metrics"]
+    assert m["compile_s"] > 0 and m["graph_breaks"] == 0
+    assert m["compile"]["graphs"] >= 1
+    assert m["compile"]["graphs_while_measuring"] == 0  # warm-up covered every shape
+
+
+def test_eager_runs_record_compile_off(records):
+    for run_id in ("dp2", "tp2", "pp2-m2"):
+        assert records[run_id]["engine"]["compile"] == "off"
+        assert records[run_id]["metrics"]["compile_s"] is None
 
 
 def test_both_pipeline_topology_classes_used(records):

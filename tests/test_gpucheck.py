@@ -1,0 +1,72 @@
+"""`make gpu-check`'s logic that needs no GPU: which rows are refused before launch (and
+why), the targets, the table; and the script's behaviour on a machine without a GPU."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from gptbench import gpucheck
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def row_named(name):
+    return next(r for r in gpucheck.ROWS if r.name == name)
+
+
+@pytest.mark.parametrize("name", ["ds_inject", "ds_inject_graph"])
+def test_kernel_injection_rows_are_refused_before_launch(tmp_path, name):
+    out = gpucheck.run_row(row_named(name), str(tmp_path), deadline=0)  # no time left
+    assert out["status"] == "refused"
+    assert "transformers<=4.51" in out["error"]
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_rows_put_the_compiled_deepspeed_path_second():
+    names = [r.name for r in gpucheck.ROWS]
+    assert names[:4] == ["hf_eager", "deepspeed_compiled", "hf_compiled", "deepspeed"]
+    overrides = {r.name: r.overrides for r in gpucheck.ROWS}
+    assert "engine.compile=reduce-overhead" in overrides["deepspeed_compiled"]
+    assert "engine.compile=off" in overrides["deepspeed"]
+
+
+def row(name, backend, tokens_per_s, tpot, fraction=None, parity=True, status="ok"):
+    out = gpucheck.not_run(row_named(name), None)
+    out.update(status=status, backend=backend, tokens_per_s=tokens_per_s, tpot_ms_p50=tpot,
+               roofline_fraction=fraction, parity_passed=parity, error=None,
+               bytes_per_decode_step=3.2e9, device_peak_gbps=4800.0)
+    return out
+
+
+def test_targets_take_the_best_deepspeed_row_with_parity():
+    rows = [row("hf_eager", "hf_eager", 100.0, 30.0),
+            row("deepspeed_compiled", "deepspeed", 1200.0, 1.5, fraction=0.6),
+            row("deepspeed", "deepspeed", 2000.0, 1.0, fraction=0.9, parity=False),
+            row("hf_compiled", "hf_compiled", 900.0, 2.0)]
+    t = gpucheck.evaluate_targets(rows)
+    assert t["best_deepspeed_row"] == "deepspeed_compiled"  # the faster row failed parity
+    assert t["roofline"]["met"] is True
+    assert t["speedup_vs_hf_eager"]["speedup"] == pytest.approx(12.0)
+    assert t["roofline"]["tpot_ms_at_target"] == pytest.approx(3.2e9 / (0.5 * 4800e9) * 1e3)
+    table = gpucheck.format_table({"device_name": "test card", "rows": rows, "targets": t})
+    assert "deepspeed_compiled" in table and "12.00x" in table
+
+
+def test_no_targets_without_a_deepspeed_row():
+    t = gpucheck.evaluate_targets([row("hf_eager", "hf_eager", 100.0, 30.0)])
+    assert t["best_deepspeed_row"] is None and t["roofline"]["met"] is None
+    assert t["reasons"] == ["no DeepSpeed row ran with parity passed"]
+
+
+def has_gpu() -> bool:
+    return bool(shutil.which("nvidia-smi")) and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.skipif(has_gpu(), reason="this machine has a GPU")
+def test_script_says_no_gpu_and_exits_1():
+    out = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    assert "no NVIDIA GPU on this machine" in out.stderr
