@@ -262,6 +262,33 @@ def two_rank_rows(rows: tuple, output_dir: str, deadline: float, gpus: int) -> t
     return [not_run(r, reason) for r in rows], probes
 
 
+def run_stage_probe(deadline: float) -> dict:
+    """Compiled pipeline stages on one GPU (gptbench/stage_probe.py), budget permitting."""
+    import torch
+
+    from gptbench import stage_probe
+
+    if deadline - time.monotonic() < 60:
+        return {"status": "not_run", "error": "gpu-check's time budget is spent"}
+    print("gpu-check: one compiled pipeline stage, 2 micro-batches interleaved ...", flush=True)
+    try:
+        out = stage_probe.probe(torch.device("cuda", 0), torch.float16, "reduce-overhead")
+    except Exception as e:  # noqa: BLE001 - a probe's failure is its result
+        return {"status": "failed", "error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}
+    out["status"] = "ok"
+    print(f"  {format_stage_probe(out)}", flush=True)
+    return out
+
+
+def format_stage_probe(p: dict) -> str:
+    if p.get("status") != "ok":
+        return f"stage probe: {p.get('status')}: {p.get('error')}"
+    return (f"stage probe ({p['preset']} preset, batch {p['batch']} as {p['micro_batches']} "
+            f"micro-batches interleaved): decode step {p['eager']['decode_step_ms']:.2f} ms "
+            f"eager, {p['compiled']['decode_step_ms']:.2f} ms compiled ({p['speedup']:.1f}x; "
+            f"{p['compiled']['graphs']} graphs), tokens agree {p['token_match_rate']:.0%}")
+
+
 # ---- targets and table ---------------------------------------------------------------------
 
 def evaluate_targets(rows: list[dict]) -> dict:
@@ -327,6 +354,8 @@ def format_table(report: dict) -> str:
                  f"({_fmt(speed['speedup'], '.2f')}x)")
     for reason in t["reasons"]:
         lines.append(f"  note: {reason}")
+    if report.get("stage_probe"):
+        lines.append(format_stage_probe(report["stage_probe"]))
     return "\n".join(lines)
 
 
@@ -360,6 +389,7 @@ def main(output_dir: str = "reports/gpu-check", budget_s: float = BUDGET_S) -> i
     two, probes = two_rank_rows(tuple(r for r in ROWS if r.ranks == 2), output_dir, deadline,
                                 gpus)
     rows += two
+    stage = run_stage_probe(deadline)
     device_name = next((r["device_name"] for r in rows if r.get("device_name")), name)
     report = {
         "schema": SCHEMA,
@@ -370,6 +400,7 @@ def main(output_dir: str = "reports/gpu-check", budget_s: float = BUDGET_S) -> i
                       "CUDA_HOME": os.environ.get("CUDA_HOME")},
         "rows": rows,
         "two_rank_probes": probes,
+        "stage_probe": stage,
         "targets": evaluate_targets(rows),
         "env": envinfo.collect_env(torch.device("cuda", 0)),  # after the runs: no context before
         "wall_s": time.monotonic() - started,

@@ -6,6 +6,7 @@ numbers on a GPU. The pipeline's per-stage busy time is taken on that same batch
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -58,7 +59,13 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
         )
         out["gpu_util_pct"], out["gpu_util_reason"] = sampler.result()
         if cfg.engine.profile_comm:
-            out.update(_profile(gen, batches[0], cfg.workload.output_len, device, info))
+            # The tracker wraps DeepSpeed's collectives in timed Python calls; inside a
+            # compiled tensor-parallel graph each would split the graph (a different program
+            # than the one timed). So such a batch runs eagerly, and is labelled so.
+            eager = plan.compile_mode != "off" and plan.grid.tp > 1
+            with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+                out.update(_profile(gen, batches[0], cfg.workload.output_len, device, info))
+            out["profile_eager"] = eager
     return out
 
 

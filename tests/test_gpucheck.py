@@ -70,3 +70,17 @@ def test_script_says_no_gpu_and_exits_1():
                          text=True, timeout=60)
     assert out.returncode == 1
     assert "no NVIDIA GPU on this machine" in out.stderr
+
+
+def test_stage_probe_runs_interleaved_micro_batches_on_cpu():
+    """The probe gpu-check runs on one GPU, here eager against eager on the tiny model:
+    interleaving micro-batches over their own caches gives the same tokens."""
+    import torch
+
+    from gptbench import stage_probe
+
+    out = stage_probe.probe(torch.device("cpu"), torch.float32, "off", preset="tiny",
+                            input_len=16, steps=4)
+    assert out["token_match_rate"] == 1.0
+    assert out["eager"]["decode_step_ms"] > 0 and out["compiled"]["graphs"] == 0
+    assert "stage probe (tiny preset" in gpucheck.format_stage_probe({**out, "status": "ok"})
