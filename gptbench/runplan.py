@@ -165,13 +165,16 @@ def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
     if w.batch_size % m:
         raise UserError(f"workload.batch_size={w.batch_size} is not divisible by "
                         f"topology.micro_batches={m}")
+    if e.cuda_graph:
+        # DeepSpeed's InferenceEngine (_create_cuda_graph/_graph_replay) records the first
+        # forward's shapes and replays that graph for every later call.
+        raise UserError("engine.cuda_graph: DeepSpeed records the first forward (the prefill, "
+                        f"batch x {w.input_len} tokens) and replays it for every later call, so "
+                        "each decode step would rerun the prefill; for CUDA graphs use "
+                        "engine.compile: reduce-overhead (one graph per shape, static KV cache)")
     if e.kernel_inject and dims["n_head"] % grid.tp:
         raise UserError(f"engine.kernel_inject: DeepSpeed's fused kernels need n_head % tp == 0; "
                         f"{dims['n_head']} heads do not split over tp={grid.tp}")
-    if e.cuda_graph and grid.tp > 1:
-        raise UserError(f"engine.cuda_graph: DeepSpeed refuses CUDA graphs with tp={grid.tp} > 1")
-    if e.cuda_graph and not e.kernel_inject:
-        raise UserError("engine.cuda_graph needs engine.kernel_inject: true")
     if (e.kernel_inject or e.cuda_graph) and grid.pp > 1:
         raise UserError("engine.kernel_inject/cuda_graph: not available inside a PipelineModule")
     if e.backend != "deepspeed" and (cfg.strategy != "pure_data_parallel"

@@ -66,8 +66,8 @@ def test_dtype_selection():
 
 @pytest.mark.parametrize("over,ranks,key", [
     (dict(engine__kernel_inject=True, strategy="tp", topology__tp=2), 2, "n_head % tp"),
-    (dict(engine__cuda_graph=True, strategy="tp"), 2, "tp=2 > 1"),
-    (dict(engine__cuda_graph=True), 1, "needs engine.kernel_inject"),
+    (dict(engine__cuda_graph=True, strategy="tp"), 2, "replays it for every later call"),
+    (dict(engine__cuda_graph=True, engine__kernel_inject=True), 1, "rerun the prefill"),
     (dict(engine__kernel_inject=True, strategy="pp"), 2, "PipelineModule"),
     (dict(engine__backend="hf_eager", strategy="tp"), 2, "engine.backend"),
     (dict(engine__backend="hf_eager", engine__kernel_inject=True), 1, "engine.backend"),
