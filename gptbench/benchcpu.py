@@ -41,7 +41,7 @@ from contextlib import contextmanager
 
 import torch
 
-from gptbench import compiled
+from gptbench import compiled, scaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "deepspeed_configs", "bench-cpu.yaml")
@@ -246,8 +246,8 @@ def scaling_row(record: dict, ranks: int, baseline: dict | None) -> dict:
     ok = record.get("status") == "ok" and bool(m)
     base_ok = bool(baseline) and baseline.get("status") == "ok" and bool(baseline.get("metrics"))
     throughput = m.get("throughput_tokens_per_s") if ok else None
-    speedup = (throughput / baseline["metrics"]["throughput_tokens_per_s"]
-               if throughput is not None and base_ok else None)
+    derived = (scaling.relative_to(record, baseline) if throughput is not None and base_ok
+               else {"speedup": None, "parallel_efficiency": None})
     bubble = m.get("bubble_fraction") or {}
     parity = record.get("parity") or {}
     topo = record.get("topology") or {}
@@ -259,8 +259,8 @@ def scaling_row(record: dict, ranks: int, baseline: dict | None) -> dict:
         "dp": topo.get("dp"), "tp": topo.get("tp"), "pp": topo.get("pp"),
         "threads_per_rank": (record.get("engine") or {}).get("threads_per_rank"),
         "throughput_tokens_per_s": throughput,
-        "speedup": speedup,
-        "parallel_efficiency": speedup / ranks if speedup is not None else None,
+        "speedup": derived["speedup"],
+        "parallel_efficiency": derived["parallel_efficiency"],
         "comm_fraction": m.get("comm_fraction"),
         "bubble_fraction_measured": bubble.get("measured"),
         "bubble_fraction_theory": bubble.get("theory"),

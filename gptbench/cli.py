@@ -32,17 +32,20 @@ def _suite(a) -> int:
 def _report(a) -> int:
     from gptbench.report.render import render_report
 
-    written = render_report(a.dir, title=a.title)
+    written, skipped = render_report(a.dir, title=a.title)
     for name, path in sorted(written.items()):
         print(f"{name}: {path}")
+    for path, reason in skipped:
+        print(f"gptbench: skipped {path}: {reason}", file=sys.stderr)
     return 0
 
 
 def _compare(a) -> int:
     from gptbench.compare import compare, parse_fail_on
 
-    text, code = compare(a.base, a.candidate, [parse_fail_on(x) for x in a.fail_on])
-    print(text)
+    gates = [gate for spec in a.fail_on for gate in parse_fail_on(spec)]
+    text, code = compare(a.base, a.candidate, gates, allow_missing=a.allow_missing)
+    print(text, end="")
     return code
 
 
@@ -113,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="per-configuration deltas between two result folders")
     c.add_argument("base")
     c.add_argument("candidate")
-    c.add_argument("--fail-on", action="append", default=[], metavar="METRIC:PCT")
+    c.add_argument("--fail-on", action="append", default=[], metavar="METRIC:PCT[,METRIC:PCT]",
+                   help="exit 1 when a metric, named as printed (ttft_ms.p99), gets worse by "
+                        "more than PCT percent in a matched run; exit 2 when it compared nothing")
+    c.add_argument("--allow-missing", action="store_true",
+                   help="a base run with no match in the candidate does not fail --fail-on")
     c.set_defaults(fn=_compare)
 
     pl = sub.add_parser("plan", help="predicted memory and roofline bounds per strategy")

@@ -1,62 +1,123 @@
-"""`gptbench compare BASE CANDIDATE --fail-on METRIC:PCT`: per-configuration deltas of the key
-metrics of two suites (or two run records), matched by run_id, an environment diff, and a
-regression gate in the manner of pytest-benchmark's `--compare-fail mean:5%`."""
+"""`gptbench compare BASE CANDIDATE --fail-on METRIC:PCT[,METRIC:PCT]`: per-configuration
+deltas of two suites (or two run records), an environment diff, and a regression gate in the
+manner of pytest-benchmark's `--compare-fail mean:5%`.
+
+Runs are matched by run_id, then the rest by configuration (strategy, grid, model, workload,
+engine switches), which pairs a `gptbench run` folder (`2r-dp-tp1-pp1`) with a suite's
+(`2r-dp`); every such pair is named. A gate must compare something: one that found the
+metric in no matched run is exit 2, and a base run with no match in the candidate fails the
+gate unless `--allow-missing`. Speedup and efficiency are derived per folder (`scaling`).
+"""
 
 import math
 from pathlib import Path
 
+from gptbench import scaling
 from gptbench.errors import UserError
-from gptbench.report.load import load_runs, read_run, value_at
+from gptbench.report.load import load_runs
+from gptbench.results import read_run, value_at
 
 # +1: higher is better, -1: lower is better. A metric that can gate needs a direction.
 DIRECTIONS = {
     "throughput_tokens_per_s": +1, "speedup": +1, "parallel_efficiency": +1, "gpu_utilization_pct": +1,
     "roofline": +1, "ttft_ms": -1, "tpot_ms": -1, "e2e_ms": -1, "peak_memory_bytes": -1,
     "comm_fraction": -1, "bubble_fraction": -1, "throughput_cv_pct": -1, "timed_wall_s": -1,
+    "compile_s": -1, "graph_breaks": -1,
 }
 # Metrics added later with these unit suffixes are costs, so they gate too (lower is better).
-LOWER_IS_BETTER_SUFFIXES = ("_ms", "_bytes")
-# A dict metric is compared by one field: p50 for latency distributions, a middle that a
-# single slow request does not move; p50 too for dict metrics added later.
+LOWER_IS_BETTER_SUFFIXES = ("_ms", "_bytes", "_s")
+# The field a dict metric is compared by when its name alone is given: p50 for latency
+# distributions, a middle that a single slow request does not move.
 DICT_FIELDS = {"ttft_ms": "p50", "tpot_ms": "p50", "e2e_ms": "p50", "peak_memory_bytes": "max",
                "gpu_utilization_pct": "mean", "bubble_fraction": "measured", "roofline": "fraction_of_peak"}
-SHOWN = ("throughput_tokens_per_s", "speedup", "parallel_efficiency", "ttft_ms", "tpot_ms", "e2e_ms",
-         "peak_memory_bytes", "comm_fraction")
+LATENCY_FIELDS = ("mean", "p50", "p90", "p99", "min", "max")
+# Fields of dict metrics that gate by name, where the direction is not the metric's.
+FIELD_DIRECTIONS = {
+    "time_breakdown.compute": +1, "time_breakdown.communication": -1, "time_breakdown.waiting": -1,
+    "roofline.achieved_gbps": +1, "bubble_fraction.measured": -1,
+}
+SHOWN = ("throughput_tokens_per_s", "speedup", "parallel_efficiency", "ttft_ms.p50", "ttft_ms.p99",
+         "tpot_ms.p50", "tpot_ms.p99", "e2e_ms.p50", "peak_memory_bytes.max", "comm_fraction")
 
 
-def parse_fail_on(spec: str) -> tuple[str, float]:
-    """"throughput_tokens_per_s:5" -> ("throughput_tokens_per_s", 5.0); a trailing % is allowed."""
-    name, separator, pct_text = spec.rpartition(":")
-    try:
-        pct = float(pct_text.strip().removesuffix("%"))
-    except ValueError:
-        pct = math.nan
-    if not separator or not name.strip() or not math.isfinite(pct) or pct < 0:
-        raise UserError(f"--fail-on {spec!r}: expected METRIC:PCT with PCT a number >= 0, "
-                        "e.g. throughput_tokens_per_s:5")
-    return name.strip(), pct
+def parse_fail_on(spec: str) -> list[tuple[str, float]]:
+    """"ttft_ms.p99:5,throughput_tokens_per_s:2%" -> [("ttft_ms.p99", 5.0), (...)]."""
+    gates = []
+    for part in spec.split(","):
+        name, separator, pct_text = part.rpartition(":")
+        try:
+            pct = float(pct_text.strip().removesuffix("%"))
+        except ValueError:
+            pct = math.nan
+        if not separator or not name.strip() or not math.isfinite(pct) or pct < 0:
+            raise UserError(f"--fail-on {spec!r}: expected METRIC:PCT[,METRIC:PCT] with PCT a "
+                            "number >= 0, e.g. throughput_tokens_per_s:5,ttft_ms.p99:10")
+        gates.append((name.strip(), pct))
+    return gates
 
 
-def compare(base, candidate, fail_on: list[tuple[str, float]]) -> tuple[str, int]:
-    """(text report, exit code): 1 when a fail_on metric of a common run got worse by more than its pct."""
+def gate_path(name: str) -> tuple[str, int] | None:
+    """(the name as compare prints it, direction) of a gateable metric, or None."""
+    if name in FIELD_DIRECTIONS:
+        return name, FIELD_DIRECTIONS[name]
+    top, _, field = name.partition(".")
+    direction = DIRECTIONS.get(top, -1 if top.endswith(LOWER_IS_BETTER_SUFFIXES) else None)
+    if direction is None:
+        return None
+    if not field:
+        return (f"{top}.{DICT_FIELDS[top]}" if top in DICT_FIELDS else top), direction
+    if field == DICT_FIELDS.get(top) or (top.endswith("_ms") and field in LATENCY_FIELDS):
+        return name, direction
+    return None
+
+
+def check_gates(fail_on: list[tuple[str, float]]) -> list[tuple[str, int, float]]:
+    """[(printed name, direction, limit pct)]; UserError for a name that cannot gate."""
+    gates = []
+    for name, pct in fail_on:
+        found = gate_path(name)
+        if found is None:
+            valid = sorted({gate_path(n)[0] for n in DIRECTIONS} | set(FIELD_DIRECTIONS)
+                           | {f"{n}.{f}" for n in ("ttft_ms", "tpot_ms", "e2e_ms") for f in LATENCY_FIELDS})
+            raise UserError(f"--fail-on {name!r} is not a metric that can gate a regression; "
+                            f"valid: {', '.join(valid)} (a dict metric alone means its field shown here)")
+        gates.append((*found, pct))
+    return gates
+
+
+def compare(base, candidate, fail_on: list[tuple[str, float]],
+            allow_missing: bool = False) -> tuple[str, int]:
+    """(text report, exit code): 1 when a gate finds a regression (or a base run is missing
+    from the candidate), 2 when a gate compared nothing."""
+    gates = check_gates(fail_on)
     base_runs, base_skipped = load_side(base)
     candidate_runs, candidate_skipped = load_side(candidate)
-    check_gates(fail_on, base_runs + candidate_runs)
-    base_by_id = {r["run_id"]: r for r in base_runs}
-    candidate_by_id = {r["run_id"]: r for r in candidate_runs}
-    common_ids = [run_id for run_id in base_by_id if run_id in candidate_by_id]
-    if not common_ids:
-        raise UserError(f"no run_id in common: {base} has {', '.join(base_by_id) or 'none'}; "
-                        f"{candidate} has {', '.join(candidate_by_id) or 'none'}")
-    lines = [f"base:      {base} ({len(base_runs)} runs)", f"candidate: {candidate} ({len(candidate_runs)} runs)", ""]
-    lines += environment_lines(base_runs, candidate_runs)
-    regressions = []
-    for run_id in common_ids:
-        run_lines, run_regressions = compare_run(base_by_id[run_id], candidate_by_id[run_id], fail_on)
+    pairs, notes = match_runs(base_runs, candidate_runs, single=Path(base).is_file() and Path(candidate).is_file())
+    if not pairs:
+        raise UserError(f"nothing to compare: no run in common by run_id or by configuration; "
+                        f"{base} has {', '.join(r['run_id'] for r in base_runs) or 'none'}; "
+                        f"{candidate} has {', '.join(r['run_id'] for r in candidate_runs) or 'none'}")
+    lines = [f"base:      {base} ({len(base_runs)} runs)", f"candidate: {candidate} ({len(candidate_runs)} runs)"]
+    lines += [f"Skipped {path}: {reason}" for path, reason in base_skipped + candidate_skipped]
+    lines += [""] + environment_lines(base_runs, candidate_runs) + notes
+    regressions, compared = [], {name: 0 for name, _, _ in gates}
+    for before, after in pairs:
+        run_lines, run_regressions = compare_run(before, after, gates, compared)
         lines += [""] + run_lines
         regressions += run_regressions
-    lines += [""] + unmatched_lines(base_by_id, candidate_by_id, base_skipped + candidate_skipped)
-    lines.append(verdict(fail_on, regressions))
+    paired_base = {id(b) for b, _ in pairs}
+    missing = [r["run_id"] for r in base_runs if id(r) not in paired_base]
+    extra = [r["run_id"] for r in candidate_runs if id(r) not in {id(c) for _, c in pairs}]
+    lines += [""] + ([f"Only in base: {', '.join(missing)}"] if missing else [])
+    lines += [f"Only in candidate: {', '.join(extra)}"] if extra else []
+    if gates and missing and not allow_missing:
+        regressions += [f"{run_id}: in base, not in candidate (--allow-missing accepts this)"
+                        for run_id in missing]
+    empty = [name for name, count in compared.items() if count == 0]
+    if empty:
+        lines.append(nothing_compared(empty, [b for b, _ in pairs]))
+        return "\n".join(lines) + "\n", 2
+    lines.append(verdict(gates, regressions))
     return "\n".join(lines) + "\n", 1 if regressions else 0
 
 
@@ -65,7 +126,7 @@ def load_side(path) -> tuple[list[dict], list[tuple[Path, str]]]:
     path = Path(path)
     if path.is_file():
         try:
-            return [read_run(path)], []
+            return scaling.derive([read_run(path)]), []
         except ValueError as exc:
             raise UserError(f"{path}: {exc}") from exc
     if path.is_dir():
@@ -73,33 +134,39 @@ def load_side(path) -> tuple[list[dict], list[tuple[Path, str]]]:
     raise UserError(f"{path}: no such run record or suite directory")
 
 
-def gateable_metrics(records: list[dict]) -> list[str]:
-    observed = {key for r in records for key in (r.get("metrics") or {})}
-    return sorted(set(DIRECTIONS) | {key for key in observed if key.endswith(LOWER_IS_BETTER_SUFFIXES)})
+def configuration(record: dict) -> tuple:
+    """What makes two runs the same experiment, whatever their run_ids."""
+    return (record.get("strategy"),
+            *(value_at(record, f"topology.{axis}") for axis in ("world_size", "dp", "tp", "pp")),
+            scaling.baseline_key(record)[1:])  # model, workload, engine switches; not the device
 
 
-def check_gates(fail_on: list[tuple[str, float]], records: list[dict]) -> None:
-    valid = gateable_metrics(records)
-    for name, _ in fail_on:
-        if name not in valid:
-            raise UserError(f"--fail-on {name!r} is not a metric that can gate a regression; "
-                            f"valid: {', '.join(valid)}")
-
-
-def direction(name: str) -> int:
-    return DIRECTIONS.get(name, -1)
+def match_runs(base_runs: list[dict], candidate_runs: list[dict], single: bool = False):
+    """([(base, candidate)], note lines): by run_id, then by configuration where it is unique
+    on both sides; two single records are compared whatever they hold."""
+    by_id = {r["run_id"]: r for r in candidate_runs}
+    pairs = [(b, by_id[b["run_id"]]) for b in base_runs if b["run_id"] in by_id]
+    left_b = [b for b in base_runs if b["run_id"] not in by_id]
+    taken = {b["run_id"] for b in base_runs}
+    left_c = [c for c in candidate_runs if c["run_id"] not in taken]
+    notes = []
+    for b in left_b:
+        same_b = [x for x in left_b if configuration(x) == configuration(b)]
+        same_c = [c for c in left_c if configuration(c) == configuration(b)]
+        if len(same_b) == 1 and len(same_c) == 1:
+            pairs.append((b, same_c[0]))
+            notes.append(f"Matched by configuration (strategy, grid, model, workload, engine "
+                         f"switches): {b['run_id']} (base) = {same_c[0]['run_id']} (candidate)")
+    if not pairs and single and base_runs and candidate_runs:
+        pairs = [(base_runs[0], candidate_runs[0])]
+        notes.append(f"Two single records compared although their configurations differ: "
+                     f"{base_runs[0]['run_id']} (base), {candidate_runs[0]['run_id']} (candidate)")
+    return pairs, notes
 
 
 def metric_value(record: dict, name: str) -> float | None:
-    """The number compared for a metric: the value itself, or one field of a dict metric."""
     value = value_at(record, f"metrics.{name}")
-    if isinstance(value, dict):
-        value = value.get(DICT_FIELDS.get(name, "p50"))
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def metric_label(name: str) -> str:
-    return f"{name}.{DICT_FIELDS[name]}" if name in DICT_FIELDS else name
 
 
 def change_pct(base: float, candidate: float) -> float:
@@ -108,38 +175,61 @@ def change_pct(base: float, candidate: float) -> float:
     return (candidate - base) / abs(base) * 100
 
 
-def compare_run(base: dict, candidate: dict, fail_on: list[tuple[str, float]]) -> tuple[list[str], list[str]]:
-    """(report lines, regression descriptions) for one configuration."""
-    limits = dict(fail_on)
-    lines = [f"{base['run_id']} ({base.get('strategy')}, world_size {value_at(base, 'topology.world_size')})"]
+def compare_run(base: dict, candidate: dict, gates: list, compared: dict) -> tuple[list[str], list[str]]:
+    """(report lines, regression descriptions) for one pair; counts what each gate compared."""
+    ids = base["run_id"] if base["run_id"] == candidate["run_id"] else f"{base['run_id']} = {candidate['run_id']}"
+    lines = [f"{ids} ({base.get('strategy')}, world_size {value_at(base, 'topology.world_size')})"]
     if base["status"] != "ok" or candidate["status"] != "ok":
         lines.append(f"  status: {base['status']} -> {candidate['status']}"
                      + ("" if candidate["status"] == "ok" else f" ({candidate.get('error')})"))
     if base["status"] != "ok" and candidate["status"] != "ok":
         return lines, []  # no numbers on either side
     lines.append(f"  {'metric':<28}{'base':>12}{'candidate':>12}{'change':>10}")
+    limits = {name: (direction, pct) for name, direction, pct in gates}
     regressions = []
     for name in list(SHOWN) + [n for n in limits if n not in SHOWN]:
         before, after = metric_value(base, name), metric_value(candidate, name)
         change = None if before is None or after is None else change_pct(before, after)
-        verdict_text = gate(name, before, after, change, limits.get(name))
+        direction, limit = limits.get(name, (None, None))
+        if limit is not None and before is not None:
+            compared[name] += 1
+        verdict_text = gate(direction, before, after, change, limit)
         if verdict_text:
-            regressions.append(f"{base['run_id']} {metric_label(name)}: {verdict_text}")
+            regressions.append(f"{base['run_id']} {name}: {verdict_text}")
         change_text = "—" if change is None else f"{change:+.1f}%"
         flag = f"  REGRESSION: {verdict_text}" if verdict_text else ""
-        lines.append(f"  {metric_label(name):<28}{fmt(before):>12}{fmt(after):>12}{change_text:>10}{flag}")
+        lines.append(f"  {name:<28}{fmt(before):>12}{fmt(after):>12}{change_text:>10}{flag}")
     return lines, regressions
 
 
-def gate(name: str, before, after, change, limit_pct) -> str | None:
+def gate(direction, before, after, change, limit_pct) -> str | None:
     """Why this value is a regression beyond limit_pct, or None."""
     if limit_pct is None or before is None:
         return None  # no gate, or nothing to regress from
     if after is None:
         return "missing in candidate"
-    worse_pct = -direction(name) * change
+    worse_pct = -direction * change
     if worse_pct > limit_pct:
         return f"{worse_pct:.1f}% worse, limit {limit_pct:g}%"
+    return None
+
+
+def nothing_compared(names: list[str], base_runs: list[dict]) -> str:
+    why = []
+    for name in names:
+        reason = null_reason(base_runs, name)
+        why.append(f"--fail-on {name}" + (f" (null in base: {reason})" if reason else ""))
+    return (f"Result: ERROR: {'; '.join(why)} compared nothing: no matched run has the metric "
+            "in base, so the gate cannot pass or fail")
+
+
+def null_reason(records: list[dict], name: str) -> str | None:
+    """The first record's reason why metrics.<name> (or its dict) is null."""
+    for record in records:
+        reasons = record.get("null_reasons") or {}
+        for key in (f"metrics.{name}", f"metrics.{name.partition('.')[0]}"):
+            if key in reasons:
+                return reasons[key]
     return None
 
 
@@ -158,16 +248,8 @@ def environment_lines(base_runs: list[dict], candidate_runs: list[dict]) -> list
     return ["Environment differences:"] + changed if changed else ["Environment: identical"]
 
 
-def unmatched_lines(base_by_id: dict, candidate_by_id: dict, skipped: list[tuple[Path, str]]) -> list[str]:
-    only_base = [run_id for run_id in base_by_id if run_id not in candidate_by_id]
-    only_candidate = [run_id for run_id in candidate_by_id if run_id not in base_by_id]
-    lines = [f"Only in base: {', '.join(only_base)}"] if only_base else []
-    lines += [f"Only in candidate: {', '.join(only_candidate)}"] if only_candidate else []
-    return lines + [f"Skipped {path}: {reason}" for path, reason in skipped]
-
-
-def verdict(fail_on: list[tuple[str, float]], regressions: list[str]) -> str:
-    if not fail_on:
+def verdict(gates: list, regressions: list[str]) -> str:
+    if not gates:
         return "Result: no --fail-on gate given"
     if not regressions:
         return "Result: no regression beyond the --fail-on limits"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from gptbench import faults, results
+from gptbench import faults, progress, results
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
 from gptbench.runplan import resolve, run_id_for
@@ -126,7 +126,7 @@ def check_dataset(cfg, vocab_size: int, dp: int) -> None:
 
 def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
         log_path: str | None = None, env: dict | None = None,
-        check_fault_rank: bool = True) -> dict:
+        check_fault_rank: bool = True, progress_position: int | None = None) -> dict:
     """Launch one configuration; returns its record (also written under output_dir/runs).
 
     `check_fault_rank=False` (suites) lets GPTBENCH_FAULT name a rank this run lacks."""
@@ -143,6 +143,7 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     visible = env.get("CUDA_VISIBLE_DEVICES") if p.device_type == "cuda" else None
     cmd = deepspeed_command(config_path, list(overrides) + [f"run_id={run_id}"], world, visible)
     _clear_previous(cfg.output_dir, run_id, world)
+    env[progress.ENV] = os.path.join(cfg.output_dir, "runs", ".ranks", f"{run_id}.progress")
     started = time.time()
     log = open(log_path, "w", encoding="utf-8") if log_path else None
     proc = None
@@ -152,7 +153,8 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
                                 start_new_session=True, env=env)
         timed_out = False
         try:
-            proc.wait(timeout=cfg.timeout_s)
+            with progress.watch(env[progress.ENV], run_id, position=progress_position):
+                proc.wait(timeout=cfg.timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
         stop(proc)  # also after a normal exit: no rank outlives its launcher

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from gptbench import parity, runner
+from gptbench import parity, progress, runner
 from gptbench.trackers.comm import CommTracker
 from gptbench.trackers.gpu_util import GpuUtilSampler
 from gptbench.trackers.memory import MemoryTracker
@@ -29,6 +29,7 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
 
     with torch.no_grad():
         if cfg.parity.enabled:
+            progress.phase("parity probe")
             tokens, logits, _ = runner.generate_batch(gen, probe, cfg.parity.tokens)
             if ref is not None:
                 out["parity"] = parity.compare(ref[0], ref[1], tokens, logits, plan.dtype,
@@ -38,9 +39,11 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
         sampler = GpuUtilSampler(device.index or 0)
         memory.reset()
         sampler.start()
+        progress.phase("warm-up")
+        barrier = progress.counting_barrier(_barrier, len(batches), cfg.workload.iterations)
         timing = runner.run_timed(gen, batches, cfg.workload.output_len,
                                   cfg.workload.iterations, cfg.workload.warmup,
-                                  barrier=_barrier, sync=sync, hook=inject)
+                                  barrier=barrier, sync=sync, hook=inject)
         sampler.stop()
         memory.stop()
 
@@ -59,6 +62,7 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
         )
         out["gpu_util_pct"], out["gpu_util_reason"] = sampler.result()
         if cfg.engine.profile_comm:
+            progress.phase("profiling one batch")
             # The tracker wraps DeepSpeed's collectives in timed Python calls; inside a
             # compiled tensor-parallel graph each would split the graph (a different program
             # than the one timed). So such a batch runs eagerly, and is labelled so.
@@ -66,6 +70,7 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
                 out.update(_profile(gen, batches[0], cfg.workload.output_len, device, info))
             out["profile_eager"] = eager
+    progress.phase("gathering results")
     return out
 
 

@@ -156,7 +156,7 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
             bar.set_postfix_str(f"{r.run_id} running")
             record = launcher.run(suite.base, list(r.overrides), ranks=r.ranks,
                                   log_path=os.path.join(suite.output_dir, "logs", f"{r.run_id}.log"),
-                                  check_fault_rank=False)
+                                  check_fault_rank=False, progress_position=1)
             current = None
             done += 1
             bar.write(_line(record))
@@ -173,10 +173,11 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
     finally:
         signal.signal(signal.SIGTERM, previous)
     bar.close()
-    _refresh_baselines(suite.output_dir)
     from gptbench.report.render import render_report
 
-    written = render_report(suite.output_dir, title=suite.title)
+    written, skipped = render_report(suite.output_dir, title=suite.title)
+    for skipped_path, reason in skipped:
+        print(f"gptbench: skipped {skipped_path}: {reason}", file=sys.stderr)
     print(f"gptbench: {done} run(s) this time; report: {written.get('report.html', suite.output_dir)}")
     return 0
 
@@ -188,11 +189,3 @@ def _line(record: dict) -> str:
                 f"parity {'passed' if p.get('passed') else 'NOT passed'}")
     return f"{record['run_id']}: {record['status']}: {record.get('error')}"
 
-
-def _refresh_baselines(output_dir: str) -> None:
-    """Speedup needs the one-rank run, which may have been recorded after the others."""
-    records = results.load_records(output_dir)
-    for record in records:
-        if record.get("status") == "ok" and record["metrics"].get("speedup") is None:
-            results.apply_baseline(record, records)
-            results.write_json_atomic(results.run_path(output_dir, record["run_id"]), record)

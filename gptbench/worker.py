@@ -17,7 +17,7 @@ import traceback
 
 import torch
 
-from gptbench import faults, parity, results
+from gptbench import faults, parity, progress, results
 from gptbench.compiled import CompileStats
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
@@ -100,6 +100,8 @@ def run_rank(plan: RunPlan, rank: int, inject) -> tuple[dict, dict]:
     from gptbench import measure
 
     cfg, grid = plan.cfg, plan.grid
+    progress.start(plan.run_id, rank == grid.output_ranks()[0])
+    progress.phase("loading the model and the parity reference")
     inject("load")
     model = plan.load_model()
     params = sum(p.numel() for p in model.parameters())  # unsharded; tied weights once
@@ -112,6 +114,7 @@ def run_rank(plan: RunPlan, rank: int, inject) -> tuple[dict, dict]:
                       model=model, tp_group=tp_group, tp_ranks=tp_ranks,
                       info={"micro_batches": plan.micro_batches, "params": params,
                             "compile_mode": plan.compile_mode})
+    progress.phase("sharding")
     gen = REGISTRY[cfg.strategy](ctx)
     del model, ctx.model
     gc.collect()  # the unsharded copy: this rank keeps only its shard
@@ -175,7 +178,6 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["parity"] = results.aggregate_parity(ranks)
     if record["parity"] is None:
         reasons["parity"] = "parity check disabled (parity.enabled: false)"
-    results.apply_baseline(record, results.load_records(plan.cfg.output_dir))
     record["wall_s"] = time.time() - started
     results.write_json_atomic(results.run_path(plan.cfg.output_dir, plan.run_id), record)
     return record

@@ -1,6 +1,7 @@
 """compare: deltas by run_id, direction-aware regression gate, environment diff."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def test_no_change_passes_the_gate(suites):
 def test_a_20_percent_throughput_regression_fails_a_5_percent_gate(suites):
     base, candidate = suites
     edit_run(candidate, "4gpu-tp2-dp2", scale_throughput(0.8))
-    text, exit_code = compare(base, candidate, [parse_fail_on("throughput_tokens_per_s:5")])
+    text, exit_code = compare(base, candidate, parse_fail_on("throughput_tokens_per_s:5"))
     assert exit_code == 1
     assert "4gpu-tp2-dp2 throughput_tokens_per_s: 20.0% worse, limit 5%" in text
     assert "-20.0%" in text
@@ -112,16 +113,30 @@ def test_a_metric_without_a_better_direction_cannot_gate(suites):
         compare(*suites, [("throughput_iterations", 5.0)])
 
 
-def test_no_common_run_id_is_a_user_error(suites):
+def test_nothing_in_common_is_a_user_error(suites):
     base, candidate = suites
-    with pytest.raises(UserError, match="no run_id in common"):
-        compare(base / "runs" / "1gpu-dp1.json", candidate / "runs" / "4gpu-dp4.json", [])
+    for path in (base / "runs").glob("*.json"):
+        if path.stem != "1gpu-dp1":
+            path.unlink()
+    for path in (candidate / "runs").glob("*.json"):
+        if path.stem != "4gpu-dp4":
+            path.unlink()
+    with pytest.raises(UserError, match="nothing to compare: no run in common by run_id or by configuration"):
+        compare(base, candidate, [])
+
+
+def test_two_single_records_are_compared_whatever_they_hold(suites):
+    base, candidate = suites
+    text, exit_code = compare(base / "runs" / "1gpu-dp1.json", candidate / "runs" / "4gpu-dp4.json", [])
+    assert exit_code == 0
+    assert "Two single records compared although their configurations differ: 1gpu-dp1 (base), 4gpu-dp4" in text
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ("throughput_tokens_per_s:5", ("throughput_tokens_per_s", 5.0)),
-    ("ttft_ms:2.5%", ("ttft_ms", 2.5)),
-    ("comm_fraction:0", ("comm_fraction", 0.0)),
+    ("throughput_tokens_per_s:5", [("throughput_tokens_per_s", 5.0)]),
+    ("ttft_ms:2.5%", [("ttft_ms", 2.5)]),
+    ("comm_fraction:0", [("comm_fraction", 0.0)]),
+    ("ttft_ms.p99:5,throughput_tokens_per_s:2", [("ttft_ms.p99", 5.0), ("throughput_tokens_per_s", 2.0)]),
 ])
 def test_parse_fail_on(spec, expected):
     assert parse_fail_on(spec) == expected
@@ -129,7 +144,88 @@ def test_parse_fail_on(spec, expected):
 
 @pytest.mark.parametrize("spec", ["throughput_tokens_per_s", "throughput_tokens_per_s:", ":5",
                                   "throughput_tokens_per_s:five", "throughput_tokens_per_s:-5",
-                                  "throughput_tokens_per_s:nan"])
+                                  "throughput_tokens_per_s:nan", "ttft_ms.p99:5,"])
 def test_parse_fail_on_rejects_bad_syntax(spec):
     with pytest.raises(UserError, match="METRIC:PCT"):
         parse_fail_on(spec)
+
+
+# ---- gates that keep their word -------------------------------------------------------------
+
+def test_gate_names_are_the_names_compare_prints(suites):
+    base, candidate = suites
+
+    def slower_tail(record):
+        record["metrics"]["ttft_ms"]["p99"] *= 1.2
+    edit_run(candidate, "2gpu-tp2", slower_tail)
+    text, exit_code = compare(base, candidate, parse_fail_on("ttft_ms.p99:5"))
+    assert exit_code == 1
+    assert "2gpu-tp2 ttft_ms.p99: 20.0% worse, limit 5%" in text
+    assert re.search(r"^  ttft_ms\.p99 +34\.72 +41\.66 +\+20\.0%  REGRESSION", text, re.MULTILINE)  # as printed
+    assert compare(base, candidate, parse_fail_on("ttft_ms:5"))[1] == 0  # ttft_ms alone is ttft_ms.p50
+    assert compare(base, candidate, parse_fail_on("ttft_ms.p50:5"))[1] == 0
+
+
+def test_several_gates_in_one_flag_all_apply(suites):
+    base, candidate = suites
+    edit_run(candidate, "4gpu-dp4", scale_throughput(0.8))
+    text, exit_code = compare(base, candidate, parse_fail_on("ttft_ms.p99:5,throughput_tokens_per_s:5"))
+    assert exit_code == 1 and "4gpu-dp4 throughput_tokens_per_s: 20.0% worse" in text
+
+
+def test_a_gate_that_compared_nothing_is_exit_2(suites):
+    base, candidate = suites
+    for side in suites:
+        for path in (side / "runs").glob("*pu-*.json"):
+            def cpu(record):
+                if record["metrics"]:
+                    record["metrics"]["gpu_utilization_pct"] = None
+                record["null_reasons"]["metrics.gpu_utilization_pct"] = "no GPU on this rank (cpu)"
+            edit_run(side, path.stem, cpu)
+    text, exit_code = compare(base, candidate, parse_fail_on("gpu_utilization_pct:5"))
+    assert exit_code == 2
+    assert ("--fail-on gpu_utilization_pct.mean (null in base: no GPU on this rank (cpu)) compared nothing"
+            in text)
+    assert compare(base, candidate, parse_fail_on("throughput_tokens_per_s:5,bubble_fraction:5"))[1] == 0
+
+
+def test_a_run_missing_from_the_candidate_fails_the_gate_unless_allowed(suites):
+    base, candidate = suites
+    (candidate / "runs" / "2gpu-dp2.json").unlink()
+    text, exit_code = compare(base, candidate, THROUGHPUT_GATE)
+    assert exit_code == 1
+    assert "Only in base: 2gpu-dp2" in text and "2gpu-dp2: in base, not in candidate" in text
+    text, exit_code = compare(base, candidate, THROUGHPUT_GATE, allow_missing=True)
+    assert exit_code == 0 and "Only in base: 2gpu-dp2" in text
+
+
+def test_runs_with_other_ids_are_matched_by_configuration_and_named(suites):
+    base, candidate = suites
+    for run_id, new_id in (("2gpu-dp2", "2r-dp-tp1-pp1"), ("2gpu-tp2", "2r-tp-tp2-pp1")):
+        path = edit_run(candidate, run_id, lambda r, new_id=new_id: r.update(run_id=new_id))
+        path.rename(path.with_name(f"{new_id}.json"))
+    edit_run(candidate, "2r-tp-tp2-pp1", scale_throughput(0.5))
+    text, exit_code = compare(base, candidate, THROUGHPUT_GATE)
+    assert exit_code == 1
+    assert ("Matched by configuration (strategy, grid, model, workload, engine switches): "
+            "2gpu-dp2 (base) = 2r-dp-tp1-pp1 (candidate)") in text
+    assert "2gpu-tp2 = 2r-tp-tp2-pp1 (tensor_data_hybrid, world_size 2)" in text
+    assert "2gpu-tp2 throughput_tokens_per_s: 50.0% worse" in text
+    assert "Only in" not in text
+
+
+def test_compare_lists_skipped_files(suites):
+    text, _ = compare(*suites, [])
+    assert "corrupt.json: not valid JSON" in text and "foreign.json: schema is 'pytest-benchmark/4'" in text
+
+
+def test_the_command_takes_several_gates_and_allow_missing(suites, capsys):
+    from gptbench import cli
+
+    base, candidate = suites
+    (candidate / "runs" / "2gpu-dp2.json").unlink()
+    assert cli.main(["compare", str(base), str(candidate), "--fail-on", "ttft_ms.p99:5,throughput_tokens_per_s:5"]) == 1
+    assert cli.main(["compare", str(base), str(candidate), "--fail-on", "ttft_ms.p99:5,throughput_tokens_per_s:5",
+                     "--allow-missing"]) == 0
+    assert cli.main(["compare", str(base), str(candidate), "--fail-on", "compile_s:5"]) == 2
+    assert "compile_s" in capsys.readouterr().out

@@ -1,5 +1,4 @@
 """Aggregation rules of the run record, on hand-made per-rank measurements."""
-import copy
 import json
 import os
 
@@ -169,67 +168,11 @@ def test_no_parity_checks_gives_none():
     assert results.aggregate_parity([rank(0), rank(1)]) is None
 
 
-# ---- baseline, speedup, efficiency ------------------------------------------------------
-
-def record(run_id, strategy, world, throughput, batch_size=4, status="ok"):
-    return {
-        "schema": results.SCHEMA, "run_id": run_id, "status": status, "strategy": strategy,
-        "topology": {"world_size": world},
-        "model": {"name": "tiny", "preset": "tiny"},
-        "workload": {"dtype": "float32", "batch_size": batch_size, "input_len": 32,
-                     "output_len": 8, "num_samples": 8},
-        "engine": {"backend": "deepspeed", "kernel_inject": False},
-        "metrics": {"throughput_tokens_per_s": throughput, "speedup": None,
-                    "parallel_efficiency": None, "scaling": None, "baseline_run_id": None},
-        "null_reasons": {},
-    }
-
-
-def test_speedup_and_efficiency_against_the_one_rank_baseline():
-    base = record("1r-dp", "pure_data_parallel", 1, 150.0)
-    run = record("4r-tp", "tensor_data_hybrid", 4, 300.0)
-    results.apply_baseline(run, [record("2r-dp", "pure_data_parallel", 2, 280.0), base])
-    m = run["metrics"]
-    assert m["speedup"] == 2.0
-    assert m["parallel_efficiency"] == 0.5  # speedup / world_size
-    assert m["baseline_run_id"] == "1r-dp" and m["scaling"] == "weak"
-    assert not any(k.startswith("metrics.speedup") for k in run["null_reasons"])
-
-
-def test_baseline_of_a_different_workload_is_not_used():
-    run = record("2r-dp", "pure_data_parallel", 2, 300.0)
-    run["null_reasons"]["metrics.speedup"] = "stale"
-    results.apply_baseline(run, [record("1r-dp-b2", "pure_data_parallel", 1, 150.0, batch_size=2),
-                                 record("1r-tp", "tensor_data_hybrid", 1, 150.0),
-                                 record("1r-failed", "pure_data_parallel", 1, 150.0,
-                                        status="failed")])
-    m = run["metrics"]
-    assert m["speedup"] is None and m["parallel_efficiency"] is None
-    assert m["baseline_run_id"] is None
-    for k in ("speedup", "parallel_efficiency"):
-        assert "one-rank pure_data_parallel" in run["null_reasons"][f"metrics.{k}"]
-
-
-def test_baseline_needs_the_same_model():
-    run = record("2r-dp", "pure_data_parallel", 2, 300.0)
-    other = record("1r-dp", "pure_data_parallel", 1, 150.0)
-    other["model"] = {"name": "gpt2-xl", "preset": None}
-    results.apply_baseline(run, [other])
-    assert run["metrics"]["speedup"] is None
-
-
-def test_failed_run_gets_no_baseline():
-    run = record("2r-dp", "pure_data_parallel", 2, 300.0, status="failed")
-    before = copy.deepcopy(run)
-    results.apply_baseline(run, [record("1r-dp", "pure_data_parallel", 1, 150.0)])
-    assert run == before
-
-
 # ---- atomic writes ----------------------------------------------------------------------
 
 def test_write_json_atomic_round_trips(tmp_path):
     path = str(tmp_path / "runs" / "a.json")
-    record = {"schema": results.SCHEMA, "run_id": "a", "status": "ok", "x": [1, 2.5, None]}
+    record = {"schema": results.SCHEMA, "run_id": "a", "status": "failed", "x": [1, 2.5, None]}
     results.write_json_atomic(path, record)
     assert json.load(open(path, encoding="utf-8")) == record
     assert results.read_record(path)["x"] == [1, 2.5, None]
@@ -250,6 +193,69 @@ def test_read_record_skips_corrupt_and_foreign_files(tmp_path):
     runs.mkdir()
     (runs / "half.json").write_text('{"schema": "gptbench.run/1", "run', encoding="utf-8")
     (runs / "other.json").write_text('{"schema": "other/1"}', encoding="utf-8")
-    good = {"schema": results.SCHEMA, "run_id": "g", "status": "ok"}
+    good = {"schema": results.SCHEMA, "run_id": "g", "status": "not_applicable"}
     results.write_json_atomic(str(runs / "good.json"), good)
-    assert [r["run_id"] for r in results.load_records(str(tmp_path))] == ["g"]
+    records, skipped = results.load_runs(tmp_path)
+    assert [r["run_id"] for r in records] == ["g"]
+    assert [(p.name, reason.split(":")[0]) for p, reason in skipped] == \
+        [("half.json", "not valid JSON"), ("other.json", "schema is 'other/1', not 'gptbench.run/1'")]
+
+
+def test_records_store_no_speedup_the_reader_derives_it():
+    m, reasons = results.aggregate_metrics([rank(0), rank(1)], Grid(2, 2, 1, 1), 1)
+    for key in ("speedup", "parallel_efficiency", "scaling", "baseline_run_id"):
+        assert m[key] is None
+        assert reasons[f"metrics.{key}"] == results.DERIVED
+
+
+# ---- reading back: field types -----------------------------------------------------------
+
+def finished(**metrics):
+    return {"schema": results.SCHEMA, "run_id": "r", "status": "ok",
+            "metrics": {"throughput_tokens_per_s": 10.0, **metrics}}
+
+
+@pytest.mark.parametrize("record, reason", [
+    (finished(throughput_tokens_per_s="fast"),
+     'metrics.throughput_tokens_per_s is "fast" (str), expected a number or null'),
+    (finished(throughput_tokens_per_s=True), "metrics.throughput_tokens_per_s is true (bool)"),
+    (finished(throughput_tokens_per_s=float("nan")), "metrics.throughput_tokens_per_s is NaN"),
+    (finished(ttft_ms={"p50": "1 ms"}), 'metrics.ttft_ms.p50 is "1 ms" (str)'),
+    (finished(ttft_ms=[1, 2]), "metrics.ttft_ms is [1, 2] (list), expected a dict"),
+    (finished(peak_memory_bytes={"per_rank": [1, "x"]}), "metrics.peak_memory_bytes.per_rank is"),
+    (finished(time_breakdown={"compute": "most"}), "metrics.time_breakdown.compute is"),
+    (finished(graph_breaks=1.5), "metrics.graph_breaks is 1.5 (float), expected a int"),
+    ({**finished(), "topology": {"world_size": "2"}}, 'topology.world_size is "2" (str)'),
+    ({**finished(), "metrics": "none"}, 'metrics is "none" (str), expected a dict'),
+    ({**finished(), "metrics": None}, "status is ok but metrics.throughput_tokens_per_s is missing"),
+    ({**finished(), "null_reasons": {"metrics.x": 3}}, "null_reasons.metrics.x is 3 (int)"),
+    ({**finished(), "run_id": None}, "run_id is None: every record must name its run"),
+    ({**finished(), "status": "done"}, "status is 'done', not one of ok, failed"),
+])
+def test_read_run_names_the_field_of_the_wrong_type(tmp_path, record, reason):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(record), encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        results.read_run(path)
+    assert reason in str(error.value)
+
+
+def test_read_run_accepts_nulls_and_fields_it_does_not_know(tmp_path):
+    record = finished(ttft_ms=None, time_breakdown={"compute": 1.0, "source": "a note"}, new_metric="x")
+    record["topology"] = {"world_size": 1, "nodes": None, "hosts": ["a"]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(record), encoding="utf-8")
+    assert results.read_run(path) == record
+
+
+def test_a_broken_file_that_duplicates_a_run_id_is_skipped_for_its_own_reason(tmp_path):
+    runs = tmp_path / "runs"
+    good = finished()
+    results.write_json_atomic(str(runs / "r.json"), good)
+    results.write_json_atomic(str(runs / "a-broken.json"), finished(throughput_tokens_per_s="fast"))
+    results.write_json_atomic(str(runs / "z-copy.json"), good)
+    records, skipped = results.load_runs(tmp_path)
+    assert records == [good]
+    reasons = {p.name: reason for p, reason in skipped}
+    assert reasons["a-broken.json"].startswith("metrics.throughput_tokens_per_s is \"fast\"")
+    assert reasons["z-copy.json"] == "duplicate run_id 'r'; runs/r.json is used"

@@ -8,7 +8,8 @@ import math
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from gptbench.report.load import STRATEGY_ORDER, value_at
+from gptbench.report.load import STRATEGY_ORDER
+from gptbench.results import value_at
 
 GIB_BYTES = 1024**3
 
@@ -111,45 +112,68 @@ def latency_chart(records: list[dict]) -> Figure | None:
 
 
 def memory_chart(records: list[dict]) -> Figure | None:
+    """Measured peak per rank (bars) beside the model's bytes on that rank (black marks:
+    weights + KV cache from the sharding model), so sharding shows even where the measured
+    figure is a whole process's RSS."""
     runs = [r for r in finished_with(records, "metrics.peak_memory_bytes.per_rank")
             if r["metrics"]["peak_memory_bytes"]["per_rank"]]
     if not runs:
         return None
     ax = new_figure().add_subplot()
-    labelled_ranks = set()
+    labelled_ranks, model_marks = set(), []
     for i, run in enumerate(runs):
         per_rank = run["metrics"]["peak_memory_bytes"]["per_rank"]
+        model = value_at(run, "metrics.model_memory_bytes.per_rank") or []
         width = 0.8 / len(per_rank)
         for rank, peak_bytes in enumerate(per_rank):
             label = None if rank in labelled_ranks else f"rank {rank}"
             labelled_ranks.add(rank)
-            height = math.nan if peak_bytes is None else peak_bytes / GIB_BYTES
-            ax.bar(i - 0.4 + width * (rank + 0.5), height, width, color=f"C{rank}", label=label)
+            x = i - 0.4 + width * (rank + 0.5)
+            ax.bar(x, math.nan if peak_bytes is None else peak_bytes / GIB_BYTES, width,
+                   color=f"C{rank}", label=label)
+            if rank < len(model) and model[rank] is not None:
+                model_marks.append((x, model[rank] / GIB_BYTES))
+    if model_marks:
+        ax.scatter(*zip(*model_marks), marker="_", s=300, color="k", label="model bytes (weights + KV)")
     label_configurations(ax, [r["run_id"] for r in runs])
     kinds = sorted({str(r["metrics"]["peak_memory_bytes"].get("kind")) for r in runs})
-    ax.set_ylabel(f"peak GiB ({', '.join(kinds)})")
-    ax.set_title("Peak memory per rank")
+    ax.set_ylabel(f"GiB (bars: peak {', '.join(kinds)})")
+    ax.set_title("Memory per rank: measured peak and the model's bytes")
     legend_outside(ax)
     return ax.figure
 
 
-def overhead_chart(records: list[dict]) -> Figure | None:
-    runs = [r for r in finished_with(records) if value_at(r, "metrics.comm_fraction") is not None
-            or value_at(r, "metrics.bubble_fraction.measured") is not None]
+def breakdown_chart(records: list[dict]) -> Figure | None:
+    """Stacked compute / communication / waiting shares of one profiled batch per run."""
+    parts = ("compute", "communication", "waiting")
+    runs = finished_with(records, *(f"metrics.time_breakdown.{p}" for p in parts))
     if not runs:
         return None
     ax = new_figure().add_subplot()
-    paths = ("metrics.comm_fraction", "metrics.bubble_fraction.measured", "metrics.bubble_fraction.theory")
-    percent = {path: [None if value_at(r, path) is None else 100 * value_at(r, path) for r in runs] for path in paths}
+    bottom = [0.0] * len(runs)
+    for part, colour in zip(parts, ("C2", "C1", "C7")):
+        shares = [100 * r["metrics"]["time_breakdown"][part] for r in runs]
+        ax.bar(range(len(runs)), shares, 0.6, bottom=bottom, label=part, color=colour)
+        bottom = [b + s for b, s in zip(bottom, shares)]
+    label_configurations(ax, [r["run_id"] for r in runs])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("% of a profiled batch")
+    ax.set_title("Where the time goes (one profiled batch after the timed ones)")
+    legend_outside(ax)
+    return ax.figure
+
+
+def predicted_tpot_chart(records: list[dict]) -> Figure | None:
+    runs = finished_with(records, "metrics.tpot_ms.p50", "metrics.predicted.tpot_ms")
+    if not runs:
+        return None
+    ax = new_figure().add_subplot()
     grouped_bars(ax, [r["run_id"] for r in runs], {
-        "communication": percent["metrics.comm_fraction"],
-        "pipeline bubble (measured)": percent["metrics.bubble_fraction.measured"],
+        "measured TPOT p50": [r["metrics"]["tpot_ms"]["p50"] for r in runs],
+        "predicted TPOT": [r["metrics"]["predicted"]["tpot_ms"] for r in runs],
     })
-    theory = [(i + 0.2, p) for i, p in enumerate(percent["metrics.bubble_fraction.theory"]) if p is not None]
-    if theory:
-        ax.scatter(*zip(*theory), marker="_", s=300, color="k", label="bubble theory (p-1)/(m+p-1)")
-    ax.set_ylabel("% of the timed region")
-    ax.set_title("Communication and pipeline bubble share")
+    ax.set_ylabel("ms per output token")
+    ax.set_title("Time per output token: measured vs predicted")
     legend_outside(ax)
     return ax.figure
 
@@ -177,8 +201,10 @@ CHARTS = {
     "speedup.png": ("Speedup vs ideal (dashed: speedup = number of ranks)", speedup_chart),
     "efficiency.png": ("Parallel efficiency", efficiency_chart),
     "latency.png": ("Latency percentiles: TTFT and TPOT p50/p90/p99", latency_chart),
-    "memory.png": ("Peak memory per rank", memory_chart),
-    "overhead.png": ("Communication share and pipeline bubble share", overhead_chart),
+    "memory.png": ("Memory per rank: measured peak (bars) and the model's weights + KV cache (marks)",
+                   memory_chart),
+    "breakdown.png": ("Time breakdown per configuration: compute, communication, waiting", breakdown_chart),
+    "tpot_predicted.png": ("TPOT: measured p50 vs predicted", predicted_tpot_chart),
     "roofline.png": ("Measured vs roofline-predicted throughput", roofline_chart),
 }
 

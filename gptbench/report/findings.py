@@ -1,12 +1,14 @@
 """Findings of a suite, computed from its run records, never written by hand: the best
-configuration, where scaling is lost and what the records say it was lost to, parity breaks."""
+configuration, where scaling is lost and what the records say it was lost to (the time
+breakdown of a profiled batch, ranks crowding too few CPU cores), parity breaks, graph breaks."""
 
-from gptbench.report.load import value_at
+from gptbench.results import value_at
 
 # Below this parallel efficiency a configuration "loses scaling" and the report says why.
 EFFICIENCY_LOSS_BELOW = 0.8
-# A share of the timed region large enough to name as a cause of the loss.
+# A share of the profiled batch large enough to name as a cause of the loss.
 CAUSE_SHARE_ABOVE = 0.1
+BREAKDOWN_PARTS = ("communication", "waiting", "compute")
 
 
 def with_throughput(records: list[dict]) -> list[dict]:
@@ -16,14 +18,6 @@ def with_throughput(records: list[dict]) -> list[dict]:
 def best_by_throughput(records: list[dict]) -> dict | None:
     runs = with_throughput(records)
     return max(runs, key=lambda r: r["metrics"]["throughput_tokens_per_s"]) if runs else None
-
-
-def best_per_world_size(records: list[dict]) -> dict[int, dict]:
-    """{world_size: the run with the highest throughput on that many ranks}."""
-    by_world_size = {}
-    for run in with_throughput(records):
-        by_world_size.setdefault(value_at(run, "topology.world_size"), []).append(run)
-    return {world_size: best_by_throughput(runs) for world_size, runs in sorted(by_world_size.items())}
 
 
 def scaling_losses(records: list[dict]) -> list[dict]:
@@ -50,12 +44,9 @@ def findings(records: list[dict]) -> list[str]:
         return ["No run finished with a throughput, so there is nothing to rank."] + unfinished_sentence(records)
     sentences = [f"Best throughput: {describe(best)}, {best['metrics']['throughput_tokens_per_s']:.1f} tokens/s"
                  + speedup_clause(best) + "."]
-    for world_size, run in best_per_world_size(records).items():
-        ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
-        sentences.append(f"Best at {ranks}: {run['run_id']} ({run['strategy']}), "
-                         f"{run['metrics']['throughput_tokens_per_s']:.1f} tokens/s{efficiency_clause(run)}.")
     sentences += [loss_sentence(run) for run in scaling_losses(records)]
     sentences += [parity_sentence(run) for run in parity_failures(records)]
+    sentences += [graph_break_sentence(run) for run in records if (value_at(run, "metrics.graph_breaks") or 0) > 0]
     return sentences + unfinished_sentence(records)
 
 
@@ -65,30 +56,60 @@ def describe(run: dict) -> str:
 
 def speedup_clause(run: dict) -> str:
     speedup, baseline = value_at(run, "metrics.speedup"), value_at(run, "metrics.baseline_run_id")
-    return "" if speedup is None else f", {speedup:.2f}x the baseline {baseline or 'run'}"
+    if speedup is None or value_at(run, "metrics.scaling") == "baseline":
+        return ""
+    return f", {speedup:.2f}x the baseline {baseline} ({value_at(run, 'metrics.scaling')} scaling)"
 
 
-def efficiency_clause(run: dict) -> str:
-    efficiency = value_at(run, "metrics.parallel_efficiency")
-    return "" if efficiency is None else f", parallel efficiency {efficiency:.0%}"
-
-
-def loss_sentence(run: dict) -> str:
+def breakdown_text(run: dict, where: str = " of a profiled batch") -> str:
+    """Where a profiled batch's time went, from metrics.time_breakdown, or the older
+    communication share and bubble (which overlap: both count waiting for peers)."""
+    parts = {p: value_at(run, f"metrics.time_breakdown.{p}") for p in BREAKDOWN_PARTS}
+    if all(v is not None for v in parts.values()):
+        return ", ".join(f"{v:.0%} {p}" for p, v in parts.items()) + where
     comm = value_at(run, "metrics.comm_fraction")
     bubble = value_at(run, "metrics.bubble_fraction.measured")
     theory = value_at(run, "metrics.bubble_fraction.theory")
-    causes = []
-    if comm is not None and comm > CAUSE_SHARE_ABOVE:
-        causes.append(f"communication {comm:.0%} of the timed region")
-    if bubble is not None and bubble > CAUSE_SHARE_ABOVE:
-        grid = f"pp={value_at(run, 'topology.pp')}, m={value_at(run, 'topology.micro_batches')}"
-        theory_text = "" if theory is None else f" (theory {theory:.0%} for {grid})"
-        causes.append(f"pipeline bubble {bubble:.0%} of the timed region{theory_text}")
-    if not causes:
-        causes.append("neither communication nor pipeline bubble above "
-                      f"{CAUSE_SHARE_ABOVE:.0%} of the timed region explains it")
+    shares = []
+    if comm is not None:
+        shares.append(f"communication share {comm:.0%} (includes waiting for peers)")
+    if bubble is not None:
+        shares.append(f"pipeline idle {bubble:.0%}" + ("" if theory is None else f" (theory {theory:.0%})"))
+    return (", ".join(shares) + where) if shares else "no time breakdown recorded"
+
+
+def cpu_oversubscribed(run: dict) -> tuple[int, int, int] | None:
+    """(ranks per node, threads per rank, usable cores) when a CPU run's ranks x threads
+    exceed the cores it could use: then ranks wait for a core, not only for each other."""
+    if value_at(run, "env.device") not in ("cpu", None):
+        return None
+    ranks, nodes = value_at(run, "topology.world_size"), value_at(run, "topology.nodes") or 1
+    threads = value_at(run, "engine.threads_per_rank")
+    cores = value_at(run, "env.cpus_usable") or value_at(run, "env.cpu_count")
+    if not (ranks and threads and cores):
+        return None
+    per_node = -(-ranks // nodes)
+    return (per_node, threads, cores) if per_node * threads > cores else None
+
+
+def oversubscription_text(ranks: int, threads: int, cores: int) -> str:
+    return (f"{ranks} ranks x {threads} thread(s) share {cores} CPU cores, so part of the loss "
+            "is ranks waiting for a core, not the strategy")
+
+
+def loss_sentence(run: dict) -> str:
+    causes = [breakdown_text(run)]
+    crowded = cpu_oversubscribed(run)
+    if crowded:
+        causes.append(oversubscription_text(*crowded))
     return (f"Scaling lost: {run['strategy']} at {run['topology']['world_size']} ranks ({run['run_id']}): "
-            f"efficiency {run['metrics']['parallel_efficiency']:.0%}, {', '.join(causes)}.")
+            f"efficiency {run['metrics']['parallel_efficiency']:.0%}; {'; '.join(causes)}.")
+
+
+def graph_break_sentence(run: dict) -> str:
+    return (f"Graph breaks: {run['run_id']} compiled its decode step with "
+            f"{run['metrics']['graph_breaks']} graph break(s) (engine.compile "
+            f"{value_at(run, 'engine.compile')}): those parts run eagerly, outside the compiled graph.")
 
 
 def parity_sentence(run: dict) -> str:

@@ -5,38 +5,52 @@ Every number is formatted here; the templates only place prepared strings."""
 import base64
 import csv
 import io
+import json
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from gptbench.results import write_atomic
 from gptbench.report.charts import CHARTS, chart_pngs
 from gptbench.report.findings import findings
-from gptbench.report.load import load_runs, value_at
+from gptbench.report.recommend import INTRO as RECOMMENDATION_INTRO
+from gptbench.report.recommend import recommendations
+from gptbench.report.load import load_runs
+from gptbench.results import value_at, write_atomic
 
 MISSING = "—"  # what any null renders as; the record's null_reasons say why (notes section)
 GIB_BYTES = 1024**3
 SETUP_SECTIONS = ("model", "workload", "engine")
+# Topology keys that describe the setup rather than the configuration's grid.
+SETUP_TOPOLOGY_KEYS = ("nodes", "hosts", "pipeline_schedule", "partition_method", "pipe_topology")
+MEMORY_KINDS = {"rss": "RSS, whole process", "cuda_allocated": "CUDA peak allocated"}
 
 # summary.csv column -> dotted path in the run record; one row per run, raw values.
 SUMMARY_COLUMNS = {
     "run_id": "run_id", "status": "status", "strategy": "strategy",
     "world_size": "topology.world_size", "dp": "topology.dp", "tp": "topology.tp", "pp": "topology.pp",
     "micro_batches": "topology.micro_batches",
+    "nodes": "topology.nodes",
     "throughput_tokens_per_s": "metrics.throughput_tokens_per_s", "speedup": "metrics.speedup",
-    "parallel_efficiency": "metrics.parallel_efficiency",
+    "parallel_efficiency": "metrics.parallel_efficiency", "scaling": "metrics.scaling",
+    "baseline_run_id": "metrics.baseline_run_id",
     "ttft_ms_p50": "metrics.ttft_ms.p50", "ttft_ms_p99": "metrics.ttft_ms.p99",
     "tpot_ms_p50": "metrics.tpot_ms.p50", "tpot_ms_p99": "metrics.tpot_ms.p99",
+    "tpot_ms_predicted": "metrics.predicted.tpot_ms",
     "e2e_ms_mean": "metrics.e2e_ms.mean", "peak_memory_bytes_max": "metrics.peak_memory_bytes.max",
+    "peak_memory_kind": "metrics.peak_memory_bytes.kind",
     "gpu_utilization_pct_mean": "metrics.gpu_utilization_pct.mean", "comm_fraction": "metrics.comm_fraction",
     "bubble_fraction": "metrics.bubble_fraction.measured",
+    "compute_share": "metrics.time_breakdown.compute",
+    "communication_share": "metrics.time_breakdown.communication",
+    "waiting_share": "metrics.time_breakdown.waiting",
     "roofline_fraction_of_peak": "metrics.roofline.fraction_of_peak",
     "tokens_match": "parity.tokens_match", "max_abs_logit_diff": "parity.max_abs_logit_diff", "error": "error",
 }
 
 
-def render_report(suite_dir, title: str | None = None) -> dict[str, Path]:
-    """Render suite_dir/runs/*.json into suite_dir; {file name: path} of what was written."""
+def render_report(suite_dir, title: str | None = None) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
+    """Render suite_dir/runs/*.json into suite_dir: ({file name: path} of what was written,
+    [(path, reason)] of the files in runs/ that were skipped, also listed in the report)."""
     suite_dir = Path(suite_dir)
     records, skipped = load_runs(suite_dir)
     written = {"summary.csv": write_summary_csv(records, suite_dir / "summary.csv")}
@@ -55,7 +69,7 @@ def render_report(suite_dir, title: str | None = None) -> dict[str, Path]:
         path = suite_dir / file_name
         write_atomic(path, templates.get_template(f"{file_name}.j2").render(context).encode("utf-8"))
         written[file_name] = path
-    return written
+    return written, skipped
 
 
 def write_summary_csv(records: list[dict], path: Path) -> Path:
@@ -73,20 +87,77 @@ def csv_value(value):
 
 
 def report_context(records: list[dict], skipped: list, pngs: dict[str, bytes], title: str) -> dict:
+    setup_runs = [r for r in records if r["status"] == "ok"] or records
+    shared, differing = split_setup(setup_runs, setup_sections(setup_runs))
+    env_shared, env_differing = split_setup(setup_runs, [r.get("env") or {} for r in setup_runs])
     return {
         "title": title,
         "status_counts": status_counts(records),
+        "recommendation_intro": RECOMMENDATION_INTRO,
+        "recommendations": recommendations(records),
         "rows": [table_row(r) for r in records],
         "findings": findings(records),
         "charts": [{"file": name, "caption": CHARTS[name][0],
                     "data_uri": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
                    for name, png in pngs.items()],
-        "setup": [row for section in SETUP_SECTIONS for row in distinct_values(records, section, prefix=f"{section}.")],
-        "environment": distinct_values(records, "env"),
-        "notes": [{"run_id": r["run_id"], "field": field, "reason": reason}
-                  for r in records for field, reason in (r.get("null_reasons") or {}).items()],
+        "setup_scope": f"the {len(setup_runs)} {'finished ' if setup_runs is not records else ''}run(s)",
+        "setup": shared, "setup_differing": differing,
+        "environment": env_shared, "environment_differing": env_differing,
+        "notes": notes(records),
         "skipped": [{"file": path.name, "reason": reason} for path, reason in skipped],
     }
+
+
+def setup_sections(records: list[dict]) -> list[dict]:
+    """{"model.name": ..., "engine.threads_per_rank": ...} per record: what it ran with."""
+    out = []
+    for record in records:
+        flat = {f"{section}.{key}": value for section in SETUP_SECTIONS
+                for key, value in (record.get(section) or {}).items()}
+        topology = record.get("topology") or {}
+        flat.update({f"topology.{key}": topology[key] for key in SETUP_TOPOLOGY_KEYS if key in topology})
+        out.append(flat)
+    return out
+
+
+def split_setup(records: list[dict], flats: list[dict]) -> tuple[list[dict], list[dict]]:
+    """([{key, value}] shared by every run, [{run_id, cells}] of what differs, per run).
+
+    A key a record lacks (written before the key existed) is not a difference: the shared
+    value then says how many runs did not record it."""
+    keys = dict.fromkeys(key for flat in flats for key in flat)
+    shared, differ = [], []
+    for key in keys:
+        present = {display(flat[key]) for flat in flats if key in flat}
+        if len(present) > 1:
+            differ.append(key)
+            continue
+        lacking = sum(key not in flat for flat in flats)
+        shared.append({"key": key, "value": present.pop() + (f" (not recorded by {lacking} run(s))" if lacking else "")})
+    per_run = [{"run_id": record["run_id"],
+                "cells": [{"key": key, "value": display(flat[key]) if key in flat else "not recorded"} for key in differ]}
+               for record, flat in zip(records, flats)] if differ else []
+    return shared, per_run
+
+
+def notes(records: list[dict]) -> list[dict]:
+    """Why values are "—", and what to know about a figure: one line per (field, reason),
+    naming the runs (or "every run")."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for record in records:
+        for field, reason in (record.get("null_reasons") or {}).items():
+            grouped.setdefault((field, reason), []).append(record["run_id"])
+        breaks = value_at(record, "metrics.graph_breaks")
+        if breaks:
+            grouped.setdefault(("metrics.graph_breaks", f"{breaks} graph break(s) in the compiled decode step "
+                                f"(engine.compile {value_at(record, 'engine.compile')}): those parts ran "
+                                "eagerly"), []).append(record["run_id"])
+        source = value_at(record, "metrics.time_breakdown.source")
+        if isinstance(source, str):
+            grouped.setdefault(("metrics.time_breakdown", source), []).append(record["run_id"])
+    every = len(records) > 1
+    return [{"runs": "every run" if every and len(run_ids) == len(records) else ", ".join(run_ids),
+             "field": field, "reason": reason} for (field, reason), run_ids in grouped.items()]
 
 
 def status_counts(records: list[dict]) -> str:
@@ -119,8 +190,13 @@ def table_row(record: dict) -> dict:
         "ttft_p99_ms": fmt(at("metrics.ttft_ms.p99"), ".1f"),
         "tpot_p50_ms": fmt(at("metrics.tpot_ms.p50"), ".1f"),
         "tpot_p99_ms": fmt(at("metrics.tpot_ms.p99"), ".1f"),
-        "memory_per_rank": memory_text(at("metrics.peak_memory_bytes.per_rank")),
+        "memory_per_rank": memory_text(at("metrics.peak_memory_bytes.per_rank"), at("metrics.peak_memory_bytes.kind")),
+        "model_memory_per_rank": memory_text(at("metrics.model_memory_bytes.per_rank")),
         "comm": fmt(at("metrics.comm_fraction"), ".1%"),
+        "breakdown": breakdown_cell(record),
+        "tpot_predicted_ms": fmt(at("metrics.predicted.tpot_ms"), ".1f"),
+        "tpot_ratio": ratio_text(at("metrics.tpot_ms.p50"), at("metrics.predicted.tpot_ms")),
+        "scaling": at("metrics.scaling") or MISSING,
         "bubble": bubble_text(at("metrics.bubble_fraction.measured"), at("metrics.bubble_fraction.theory")),
         "roofline": fmt(at("metrics.roofline.fraction_of_peak"), ".1%"),
         "parity": parity_text(record.get("parity")),
@@ -136,7 +212,17 @@ def grid_text(record: dict) -> str:
     if any(topology.get(axis) is None for axis in ("dp", "tp", "pp")):
         return MISSING
     grid = f"dp{topology['dp']} tp{topology['tp']} pp{topology['pp']}"
-    return grid + (f" m{topology['micro_batches']}" if topology["pp"] > 1 else "")
+    grid += f" m{topology['micro_batches']}" if topology["pp"] > 1 else ""
+    return grid + (f" on {topology['nodes']} nodes" if (topology.get("nodes") or 1) > 1 else "")
+
+
+def breakdown_cell(record: dict) -> str:
+    parts = [value_at(record, f"metrics.time_breakdown.{p}") for p in ("compute", "communication", "waiting")]
+    return MISSING if None in parts else " / ".join(f"{v:.0%}" for v in parts)
+
+
+def ratio_text(measured, predicted) -> str:
+    return MISSING if measured is None or not predicted else f"{measured / predicted:.2f}"
 
 
 def status_text(record: dict) -> str:
@@ -146,10 +232,11 @@ def status_text(record: dict) -> str:
     return f"{record['status']}{rank}: {record.get('error') or 'no error recorded'}"
 
 
-def memory_text(per_rank_bytes) -> str:
+def memory_text(per_rank_bytes, kind: str | None = None) -> str:
     if not per_rank_bytes or all(b is None for b in per_rank_bytes):
         return MISSING
-    return " / ".join(fmt(None if b is None else b / GIB_BYTES, ".2f") for b in per_rank_bytes) + " GiB"
+    label = "" if kind is None else f" ({MEMORY_KINDS.get(kind, kind)})"
+    return " / ".join(fmt(None if b is None else b / GIB_BYTES, ".2f") for b in per_rank_bytes) + " GiB" + label
 
 
 def bubble_text(measured, theory) -> str:
@@ -170,14 +257,9 @@ def parity_text(parity: dict | None) -> str:
     return "TOKENS DIFFER" + ("" if rate is None else f" ({rate:.2%} match)") + logits
 
 
-def distinct_values(records: list[dict], section: str, prefix: str = "") -> list[dict]:
-    """[{key, value}] for every key of records[*][section]; differing values are joined."""
-    sections = [r[section] for r in records if isinstance(r.get(section), dict)]
-    keys = dict.fromkeys(key for s in sections for key in s)
-    return [{"key": prefix + key, "value": ", ".join(sorted({display(s.get(key)) for s in sections}))} for key in keys]
-
-
 def display(value) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, separators=(", ", ": "))
     return MISSING if value is None else str(value)
 
 

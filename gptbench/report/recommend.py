@@ -1,0 +1,59 @@
+"""The report's first answer: what to run on N GPUs (ranks). For each rank count, the
+configuration with the highest throughput among the finished runs whose parity holds, by how
+much it beats the next best, and why the others lose, in one line from their time breakdown
+(`metrics.time_breakdown`: shares of one profiled batch taken after the timed ones)."""
+
+from gptbench.report.findings import (breakdown_text, cpu_oversubscribed, oversubscription_text,
+                                      parity_failures, with_throughput)
+from gptbench.results import value_at
+
+INTRO = ("For each number of ranks, the fastest configuration measured here (tokens/s, all "
+         "replicas), how much faster it is than the next best, and where the others lose time "
+         "(shares of one profiled batch after the timed ones).")
+
+
+def recommendations(records: list[dict]) -> list[str]:
+    """One sentence per rank count, fewest ranks first."""
+    broken = {r["run_id"] for r in parity_failures(records)}
+    by_ranks: dict[int, list[dict]] = {}
+    for run in with_throughput(records):
+        if run["run_id"] not in broken:
+            by_ranks.setdefault(value_at(run, "topology.world_size") or 1, []).append(run)
+    if not by_ranks:
+        return ["Nothing to recommend: no run finished with a throughput and matching tokens."]
+    sentences = [for_rank_count(ranks, sorted(runs, key=throughput, reverse=True))
+                 for ranks, runs in sorted(by_ranks.items())]
+    if broken:
+        sentences.append(f"Left out because their tokens or logits differ from the reference: "
+                         f"{', '.join(sorted(broken))}.")
+    return sentences
+
+
+def throughput(run: dict) -> float:
+    return run["metrics"]["throughput_tokens_per_s"]
+
+
+def name(run: dict) -> str:
+    return f"{run['strategy']} ({run['run_id']})"
+
+
+def for_rank_count(ranks: int, runs: list[dict]) -> str:
+    """"N ranks: <best>, X tokens/s, Yx the next best, <second>, Zx one rank. Why: ..."."""
+    best = runs[0]
+    head = f"{ranks} rank{'s' if ranks != 1 else ''}: {name(best)}, {throughput(best):.1f} tokens/s"
+    if len(runs) > 1:
+        head += f", {throughput(best) / throughput(runs[1]):.2f}x the next best, {name(runs[1])}"
+    else:
+        head += ", the only configuration measured at this rank count"
+    speedup, scaling = value_at(best, "metrics.speedup"), value_at(best, "metrics.scaling")
+    if scaling == "baseline":
+        head += " (the 1-rank baseline of the speedups)"
+    elif speedup is not None:
+        head += f", {speedup:.2f}x one rank ({scaling} scaling)"
+    why = [f"{name(run)} loses: {breakdown_text(run, '')}" for run in runs[1:]]
+    if len(runs) > 1:
+        why.append(f"{best['run_id']} itself: {breakdown_text(best, '')}")
+    crowded = cpu_oversubscribed(best) or next((c for c in map(cpu_oversubscribed, runs) if c), None)
+    if crowded:
+        why.append(oversubscription_text(*crowded))
+    return head + (". Why: " + "; ".join(why) if why else "") + "."

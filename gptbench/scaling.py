@@ -1,0 +1,98 @@
+"""Speedup, parallel efficiency and the scaling label, derived when records are read.
+
+A stored speedup goes stale: rerunning the baseline (`gptbench suite ... --only 1r-dp`)
+would leave every other record compared with a throughput that is gone. So records keep
+these fields null (`results.DERIVED`) and `gptbench report`, `gptbench compare` and
+`make bench-cpu` compute them here, from the records present.
+
+The baseline of a run is a finished 1-rank run (dp = tp = pp = 1) measured on the same
+device (`env.device_name`), in the same dtype, of the same model (name, preset), workload
+(batch_size, input_len, output_len, num_samples per replica) and engine switches
+(`engine.backend`, `kernel_inject`, `cuda_graph`, `compile`; a missing switch is off). When
+several match, the newest (`created_at`) is the baseline.
+
+speedup = tokens/s / the baseline's tokens/s; parallel efficiency = speedup / ranks. The
+label says what kind of scaling the speedup measures, by what the run did:
+- `baseline`: one rank (its speedup against itself is 1);
+- `weak`: dp > 1; every replica generates `num_samples`, so the work grows with the ranks;
+- `strong`: dp = 1 with tp or pp > 1; the baseline's work split over more ranks.
+"""
+from __future__ import annotations
+
+import copy
+
+from gptbench.results import DERIVED_KEYS, value_at
+
+# A switch absent from a record (written before it existed) was off.
+ENGINE_SWITCHES = {"backend": "deepspeed", "kernel_inject": False, "cuda_graph": False,
+                   "compile": "off"}
+WORKLOAD_KEYS = ("dtype", "batch_size", "input_len", "output_len", "num_samples")
+NO_BASELINE = ("no finished 1-rank run in this folder with the same device, dtype, model, "
+               "workload and engine switches (backend, kernel_inject, cuda_graph, compile)")
+
+
+def engine_switches(record: dict) -> tuple:
+    engine = record.get("engine") or {}
+    return tuple(off if engine.get(k) is None else engine[k] for k, off in ENGINE_SWITCHES.items())
+
+
+def baseline_key(record: dict) -> tuple:
+    """What a run and its baseline must share."""
+    return (value_at(record, "env.device_name"), value_at(record, "model.name"),
+            value_at(record, "model.preset"),
+            *(value_at(record, f"workload.{k}") for k in WORKLOAD_KEYS),
+            *engine_switches(record))
+
+
+def is_one_rank(record: dict) -> bool:
+    topology = record.get("topology") or {}
+    return topology.get("world_size") == 1 and all(topology.get(a) in (1, None)
+                                                    for a in ("dp", "tp", "pp"))
+
+
+def label(record: dict) -> str:
+    topology = record.get("topology") or {}
+    if is_one_rank(record):
+        return "baseline"
+    return "weak" if (topology.get("dp") or 1) > 1 else "strong"
+
+
+def find_baseline(record: dict, records: list[dict]) -> dict | None:
+    key = baseline_key(record)
+    found = [r for r in records if r.get("status") == "ok" and is_one_rank(r)
+             and value_at(r, "metrics.throughput_tokens_per_s") and baseline_key(r) == key]
+    return max(found, key=lambda r: str(r.get("created_at") or "")) if found else None
+
+
+def relative_to(record: dict, baseline: dict) -> dict:
+    """{speedup, parallel_efficiency, scaling, baseline_run_id} of `record` against `baseline`
+    (both finished runs with a throughput)."""
+    speedup = (record["metrics"]["throughput_tokens_per_s"]
+               / baseline["metrics"]["throughput_tokens_per_s"])
+    ranks = value_at(record, "topology.world_size") or 1
+    return {"speedup": speedup, "parallel_efficiency": speedup / ranks,
+            "scaling": label(record), "baseline_run_id": baseline["run_id"]}
+
+
+def derive(records: list[dict]) -> list[dict]:
+    """Copies of `records`; the finished ones with the DERIVED_KEYS filled against their
+    baseline, or null with the reason in null_reasons."""
+    out = []
+    for record in records:
+        record = copy.copy(record)
+        if isinstance(record.get("metrics"), dict) and record.get("status") != "ok":
+            record["metrics"] = {**record["metrics"], **dict.fromkeys(DERIVED_KEYS)}
+        elif isinstance(record.get("metrics"), dict):
+            record["metrics"] = dict(record["metrics"])
+            record["null_reasons"] = reasons = dict(record.get("null_reasons") or {})
+            baseline = find_baseline(record, records)
+            derived = (relative_to(record, baseline) if baseline
+                       else {**dict.fromkeys(DERIVED_KEYS), "scaling": label(record)})
+            record["metrics"].update(derived)
+            for key in DERIVED_KEYS:
+                if derived[key] is None:
+                    reasons[f"metrics.{key}"] = NO_BASELINE
+                else:
+                    reasons.pop(f"metrics.{key}", None)
+        out.append(record)
+    return out
