@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--resume", action="store_true", help="skip configurations already recorded")
     s.add_argument("--output-dir", help="override the suite's output_dir")
-    s.add_argument("--only", action="append", help="run only these run ids")
+    s.add_argument("--only", action="append", metavar="ID[,ID]",
+                   help="run only these run ids (repeat the flag or separate them by commas)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every configuration")
     s.set_defaults(fn=_suite)

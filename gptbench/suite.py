@@ -8,6 +8,11 @@ Suite YAML:
     runs:
       - {id: 1r-dp, ranks: 1, set: {strategy: pure_data_parallel}}
 
+Precedence, lowest first: the base config, the suite's `set:`, the row's `set:`, then
+`--set` on the command line, which wins and is announced where it replaces a row's value.
+`output_dir` comes from `--output-dir` or `--set output_dir=` (else the suite's key) and
+`run_id` from the row's id, so neither may appear in a `set:`.
+
 Every configuration is validated before the first one starts. A failed, out-of-memory,
 timed-out or not-applicable configuration is recorded and the suite goes on. Ctrl-C or
 SIGTERM stops the run in flight (every rank of it; its partial record is removed), keeps
@@ -37,6 +42,7 @@ class SuiteRun:
     run_id: str
     ranks: int
     overrides: tuple[str, ...]
+    replaced: tuple[str, ...] = ()  # where the command line replaced the suite's value
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,9 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
     base = os.path.join(os.path.dirname(path), data["base"])
     if not os.path.isfile(base):
         raise UserError(f"{path}: base config not found: {base}")
-    out = output_dir or data.get("output_dir") or f"reports/{os.path.splitext(os.path.basename(path))[0]}"
-    common = override_pairs(data.get("set"), f"{path}: set") + list(overrides)
+    command_line, out = _command_line(overrides, output_dir)
+    out = out or data.get("output_dir") or f"reports/{os.path.splitext(os.path.basename(path))[0]}"
+    common = _suite_pairs(data.get("set"), f"{path}: set")
     if not isinstance(data["runs"], list) or not data["runs"]:
         raise UserError(f"{path}: 'runs' must be a non-empty list")
     runs, seen = [], set()
@@ -81,14 +88,57 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
         ranks = item.get("ranks", 1)
         if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
             raise UserError(f"{where}: ranks must be a positive integer, got {ranks!r}")
-        runs.append(SuiteRun(run_id, ranks, tuple(
-            common + override_pairs(item.get("set"), where) + [f"output_dir={out}", f"run_id={run_id}"])))
+        own = common + _suite_pairs(item.get("set"), where)
+        runs.append(SuiteRun(run_id, ranks, tuple(own + command_line + [f"output_dir={out}", f"run_id={run_id}"]),
+                             _replaced(own, command_line, run_id)))
     if only:
+        only = [o.strip() for item in only for o in item.split(",") if o.strip()]
         missing = sorted(set(only) - seen)
         if missing:
             raise UserError(f"--only: no run '{missing[0]}' in {path} (runs: {', '.join(sorted(seen))})")
         runs = [r for r in runs if r.run_id in only]
     return Suite(str(data.get("title") or os.path.basename(path)), out, base, tuple(runs))
+
+
+def _key(pair: str) -> str:
+    return pair.partition("=")[0].strip()
+
+
+def _suite_pairs(mapping, where: str) -> list[str]:
+    """A suite's or row's `set:` as KEY=VALUE pairs; output_dir and run_id are not its to set."""
+    pairs = override_pairs(mapping, where)
+    for pair in pairs:
+        if _key(pair) in ("output_dir", "run_id"):
+            raise UserError(f"{where}: '{_key(pair)}' cannot be set per run (the suite's output_dir "
+                            "key or --output-dir names the folder; a row's id names its run)")
+    return pairs
+
+
+def _command_line(overrides, output_dir: str | None) -> tuple[list[str], str | None]:
+    """(--set pairs for every run, the output folder they or --output-dir name, or None)."""
+    pairs, out = [], output_dir
+    for pair in overrides:
+        key, _, value = pair.partition("=")
+        key = key.strip()
+        if key == "run_id":
+            raise UserError("--set run_id: a suite names each run by its row id; use --only ID "
+                            "to run one row")
+        if key == "output_dir":
+            value = value.strip()
+            if output_dir and os.path.normpath(value) != os.path.normpath(output_dir):
+                raise UserError(f"--set output_dir={value} and --output-dir {output_dir} name "
+                                "different folders; give one")
+            out = value
+        else:
+            pairs.append(pair)
+    return pairs, out
+
+
+def _replaced(own: list[str], command_line: list[str], run_id: str) -> tuple[str, ...]:
+    """What the command line replaces of a run's own settings, one line each."""
+    theirs = {_key(p): p for p in own}  # a row's pair comes after the suite's: the row's wins
+    return tuple(f"run '{run_id}': --set {p} replaces {theirs[_key(p)]} of the suite file"
+                 for p in command_line if _key(p) in theirs and theirs[_key(p)] != p.strip())
 
 
 def check(suite: Suite, path: str) -> None:
@@ -134,6 +184,8 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
 
     suite = load_suite(path, output_dir, only, overrides)
     check(suite, path)
+    for note in (n for r in suite.runs for n in r.replaced):
+        print(f"gptbench: {note}")
     if not resume and not only:
         aside = _set_aside(suite.output_dir)
         if aside:
