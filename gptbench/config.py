@@ -199,12 +199,27 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -247,6 +262,8 @@ def _check_values(cfg: RunConfig) -> None:
     values = flat(cfg)
     for key, allowed in CHOICES.items():
         if values[key] not in allowed:
+            if key == "strategy":
+                allowed = [f"{name} ({alias})" for alias, name in ALIASES.items()]
             raise UserError(f"{key}: '{values[key]}' is not one of {', '.join(allowed)}")
     for key in POSITIVE:
         if values[key] is not None and values[key] <= 0:

@@ -240,3 +240,27 @@ def test_gpt2_xl_gpu_yaml_loads():
     assert (cfg.workload.dtype, cfg.engine.device) == ("float16", "cuda")
     w = cfg.workload
     assert (w.batch_size, w.input_len, w.output_len) == (4, 256, 64)
+
+
+def test_unknown_strategy_lists_the_aliases_too():
+    msg = error_of(None, ["strategy=zero3"])
+    assert ("is not one of pure_data_parallel (dp), tensor_data_hybrid (tp), pipeline_data_hybrid (pp), "
+            "full_model_parallel (full)") in msg
+
+
+@pytest.mark.parametrize("text, line, first, second", [
+    ("strategy: dp\nworkload:\n  batch_size: 4\nstrategy: tp\n", 4, 1, 4),
+    ("workload:\n  batch_size: 4\n  input_len: 8\n  batch_size: 2\n", 4, 2, 4),
+])
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, text, line, first, second):
+    path = write(tmp_path, text)
+    msg = error_of(path)
+    assert msg.startswith(f"{path}:{line}: ") and f"given twice (lines {first} and {second})" in msg
+
+
+def test_a_suite_with_a_key_given_twice_is_refused(tmp_path):
+    from gptbench.suite import load_suite
+
+    path = write(tmp_path, "base: x.yaml\nruns: []\nbase: y.yaml\n", "suite.yaml")
+    with pytest.raises(UserError, match=r"suite\.yaml:3: .*'base' is given twice \(lines 1 and 3\)"):
+        load_suite(path)
