@@ -60,12 +60,13 @@ def _plan(a) -> int:
 def _datasets_make(a) -> int:
     from gptbench import datasets
 
+    datasets.check_make_inputs(a.out, a.num_samples, a.input_len, a.n_positions, a.prompts,
+                               a.tokenizer)
     if a.prompts:
-        from gptbench.models import load_tokenizer
-
-        tok = load_tokenizer(a.tokenizer)
+        prompts = datasets.load_prompts(a.prompts)  # names file:line before the tokenizer loads
+        tok = datasets.load_tokenizer(a.tokenizer)
         ids = datasets.make_samples(a.num_samples, a.input_len, len(tok), a.seed,
-                                    prompts=datasets.load_prompts(a.prompts), tokenizer=tok)
+                                    prompts=prompts, tokenizer=tok)
     else:
         ids = datasets.make_samples(a.num_samples, a.input_len, a.vocab_size, a.seed)
     datasets.save_samples(a.out, ids)
@@ -143,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--vocab-size", type=int, default=50257, help="for synthetic ids")
     dm.add_argument("--prompts", help="tile these JSONL prompts instead of synthetic ids")
-    dm.add_argument("--tokenizer", default="gpt2", help="tokenizer name or local path")
+    dm.add_argument("--n-positions", type=int, default=1024,
+                    help="the model's positions; --input-len may not exceed them (GPT-2: 1024)")
+    dm.add_argument("--tokenizer", default="gpt2",
+                    help="a local tokenizer folder, or a name found in the Hugging Face cache "
+                         "(downloaded only with HF_HUB_OFFLINE=0)")
     dm.set_defaults(fn=_datasets_make)
 
     dg = sub.add_parser("diagnose", help="GPUs, drivers, CUDA/NCCL, topology, DeepSpeed ops")

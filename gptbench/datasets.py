@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-
 from gptbench.errors import UserError
 
 PROMPT_KEYS = ("prompt", "text")
@@ -81,6 +79,8 @@ def make_samples(num_samples: int, input_len: int, vocab_size: int, seed: int,
     read cyclically; sample i starts where prompt i mod P starts, moved on by
     (i div P) * input_len tokens for later rounds, so samples differ. `seed` is unused.
     """
+    import torch
+
     _check_shape(num_samples, input_len, vocab_size)
     if prompts is None:
         generator = torch.Generator().manual_seed(seed)
@@ -96,18 +96,81 @@ def make_samples(num_samples: int, input_len: int, vocab_size: int, seed: int,
 
 
 def save_samples(path: str, samples: torch.Tensor) -> None:
-    """One {"input_ids": [...]} line per row of the (N, T) `samples`."""
+    """One {"input_ids": [...]} line per row of the (N, T) `samples`, written atomically: an
+    interrupted write leaves the earlier file as it was."""
+    from gptbench.results import write_atomic
+
     if samples.dim() != 2:
         raise ValueError(f"samples must be (num_samples, input_len), got {tuple(samples.shape)}")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in samples.tolist():
-            f.write(json.dumps({"input_ids": row}) + "\n")
+    text = "".join(json.dumps({"input_ids": row}) + "\n" for row in samples.tolist())
+    write_atomic(path, text.encode("utf-8"))
+
+
+# ---- `gptbench datasets make`: inputs checked before any work ------------------------------
+
+GPT2_POSITIONS = 1024
+OFFLINE_HINT = ("pass a local folder holding the tokenizer (tokenizer.json, or vocab.json and "
+                "merges.txt), e.g. --tokenizer /models/gpt2, or fetch it once into the Hugging "
+                "Face cache on a machine with network (huggingface-cli download gpt2); set "
+                "HF_HUB_OFFLINE=0 to let this command download it")
+
+
+def check_make_inputs(out: str, num_samples: int, input_len: int, n_positions: int,
+                      prompts: str | None, tokenizer: str | None) -> None:
+    """Cheapest checks first, so a mistake costs no tokenizer load and no hub wait."""
+    if prompts is not None:
+        if not os.path.isfile(prompts):
+            raise UserError(f"--prompts {prompts}: file not found")
+        if not os.access(prompts, os.R_OK):
+            raise UserError(f"--prompts {prompts}: not readable")
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a directory; name the file to write, e.g. "
+                        f"{os.path.join(out, 'bench.jsonl')}")
+    folder = os.path.dirname(os.path.abspath(out))
+    existing = next(p for p in (folder, *_parents(folder)) if os.path.exists(p))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"--out {out}: cannot create a file under {existing}")
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be positive, got {num_samples}")
+    if not 1 <= input_len <= n_positions:
+        raise UserError(f"--input-len {input_len} is outside 1..{n_positions}, the model's "
+                        f"positions (--n-positions; GPT-2 has {GPT2_POSITIONS})")
+    if prompts is not None and _looks_like_path(tokenizer) and not os.path.isdir(os.path.expanduser(tokenizer)):
+        raise UserError(f"--tokenizer {tokenizer}: no such directory; {OFFLINE_HINT}")
+
+
+def _parents(path: str):
+    while path != os.path.dirname(path):
+        path = os.path.dirname(path)
+        yield path
+
+
+def _looks_like_path(name: str) -> bool:
+    """A folder rather than a hub name ("openai-community/gpt2" also holds a slash)."""
+    return name.startswith(("/", "./", "../", "~"))
+
+
+def load_tokenizer(name: str):
+    """A tokenizer from a local folder or the local Hugging Face cache; the hub only when
+    HF_HUB_OFFLINE=0 says so (else a missing tokenizer costs ~48 s of silent retries)."""
+    from transformers import AutoTokenizer
+
+    download = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no")
+    try:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(name), local_files_only=not download)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, hub errors
+        if download:
+            why = "from the hub: " + (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        else:
+            why = "not found as a local folder or in the local Hugging Face cache"
+        raise UserError(f"--tokenizer {name}: {why}; {OFFLINE_HINT}") from None
 
 
 def load_samples(path: str, vocab_size: int | None = None) -> torch.Tensor:
     """The (N, T) int64 tensor of a `save_samples` file. Every row must have the first
     row's length and ids in [0, vocab_size) (only >= 0 when vocab_size is None)."""
+    import torch
+
     rows = []
     for lineno, obj in _jsonl_objects(path):
         ids = obj.get("input_ids")

@@ -133,3 +133,64 @@ def test_load_samples_errors_name_the_line(tmp_path, line, message):
 def test_load_samples_empty(tmp_path):
     with pytest.raises(UserError, match="no samples"):
         load_samples(write(tmp_path, ""))
+
+
+# ---- `gptbench datasets make`: inputs checked first, one line, exit 2 ----------------------
+
+def make(capsys, *args):
+    from gptbench import cli
+
+    code = cli.main(["datasets", "make", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompts", "nope.jsonl"], "--prompts nope.jsonl: file not found"),
+    (["--prompts", PROMPTS_FILE, "--tokenizer", "/nonexistent"],
+     "--tokenizer /nonexistent: no such directory; pass a local folder"),
+    (["--input-len", "5000"], "--input-len 5000 is outside 1..1024, the model's positions"),
+    (["--input-len", "2000", "--n-positions", "1500"], "--input-len 2000 is outside 1..1500"),
+    (["--num-samples", "0"], "--num-samples must be positive"),
+])
+def test_make_refuses_bad_input_in_one_line(tmp_path, capsys, args, message):
+    out = tmp_path / "bench.jsonl"
+    out.write_text("earlier\n", encoding="utf-8")
+    code, _, err = make(capsys, "--out", str(out), *args)
+    assert code == 2
+    assert err.startswith("gptbench: error: ") and message in err and err.count("\n") == 1
+    assert out.read_text(encoding="utf-8") == "earlier\n"  # nothing already written is lost
+
+
+def test_make_refuses_an_out_that_is_a_directory(tmp_path, capsys):
+    code, _, err = make(capsys, "--out", str(tmp_path))
+    assert code == 2 and f"--out {tmp_path} is a directory" in err
+
+
+def test_a_missing_prompts_file_is_named_before_any_tokenizer_is_looked_for(tmp_path, capsys, monkeypatch):
+    def no_tokenizer(name):
+        raise AssertionError("the tokenizer was loaded before the prompts were checked")
+    monkeypatch.setattr("gptbench.datasets.load_tokenizer", no_tokenizer)
+    bad = write(tmp_path, '{"prompt": "ok"}\n{"title": "no prompt"}\n')
+    code, _, err = make(capsys, "--out", str(tmp_path / "o.jsonl"), "--prompts", bad)
+    assert code == 2 and "x.jsonl:2: missing 'prompt'" in err
+
+
+def test_a_tokenizer_not_at_hand_is_one_line_saying_how_to_get_it_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the default a user has
+    code, _, err = make(capsys, "--out", str(tmp_path / "o.jsonl"), "--prompts", PROMPTS_FILE,
+                        "--tokenizer", "gptbench-tests/no-such-tokenizer")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "not found as a local folder or in the local Hugging Face cache" in err
+    assert "--tokenizer /models/gpt2" in err and "HF_HUB_OFFLINE=0" in err
+
+
+def test_make_tiles_prompts_with_a_local_tokenizer_folder(tmp_path, capsys, tokenizer):
+    folder = tmp_path / "tok"
+    tokenizer.save_pretrained(str(folder))
+    out = tmp_path / "sets" / "bench.jsonl"
+    code, said, _ = make(capsys, "--out", str(out), "--prompts", PROMPTS_FILE, "--tokenizer", str(folder),
+                         "--num-samples", "6", "--input-len", "40")
+    assert code == 0 and "6 samples x 40 tokens" in said
+    ids = load_samples(str(out), vocab_size=len(tokenizer))
+    assert ids.shape == (6, 40)
