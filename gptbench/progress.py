@@ -128,8 +128,9 @@ def watch(path: str, label: str, stream=None, position: int | None = None):
     display, stop = Display(label, stream, position), threading.Event()
 
     def poll():
-        last = None
-        while not stop.wait(POLL_S):
+        last, stopping = None, False
+        while not stopping:
+            stopping = stop.wait(POLL_S)  # once more after the stop: the last state is shown
             state = read_state(path)
             if state is not None and state != last:
                 display.show(state)
