@@ -212,3 +212,169 @@ def test_findings_name_parity_failures(tmp_path):
     assert [r["run_id"] for r in findings.parity_failures(records)] == ["4gpu-tp2-pp2"]
     sentence = next(s for s in findings.findings(records) if s.startswith("Parity broken"))
     assert "4gpu-tp2-pp2" in sentence and "0.0781 > tolerance 0.05" in sentence
+
+
+def edit(suite_dir: Path, run_id: str, change) -> Path:
+    path = suite_dir / "runs" / f"{run_id}.json"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+    return path
+
+
+# ---- bad records are skipped for their own reason; the rest renders --------------------------
+
+def test_a_value_of_the_wrong_type_skips_that_file_and_the_rest_renders(tmp_path, capsys):
+    from gptbench import cli
+
+    suite_dir = copy_suite(tmp_path / "suite")
+    edit(suite_dir, "2gpu-dp2", lambda r: r["metrics"].update(throughput_tokens_per_s="fast"))
+    broken_copy = json.loads((suite_dir / "runs" / "4gpu-dp4.json").read_text())
+    broken_copy["metrics"]["ttft_ms"]["p50"] = "slow"
+    (suite_dir / "runs" / "aa-copy.json").write_text(json.dumps(broken_copy))  # sorts before 4gpu-dp4
+    assert cli.main(["report", str(suite_dir)]) == 0
+    err = capsys.readouterr().err
+    assert f"gptbench: skipped {suite_dir / 'runs' / '2gpu-dp2.json'}: metrics.throughput_tokens_per_s is " \
+           '"fast" (str), expected a number or null' in err
+    assert "aa-copy.json: metrics.ttft_ms.p50 is \"slow\" (str)" in err and "duplicate" not in err
+    assert "corrupt.json: not valid JSON" in err and "foreign.json: schema is" in err
+    md = (suite_dir / "report.md").read_text()
+    assert "- `runs/2gpu-dp2.json`: metrics.throughput_tokens_per_s is \"fast\"" in md
+    assert "| 4gpu-dp4 | pure_data_parallel | 4 |" in md and "| 2gpu-dp2 |" not in md
+
+
+# ---- derived at read time ----------------------------------------------------------------------
+
+def test_speedups_follow_the_baseline_in_the_folder_not_the_stored_ones(tmp_path):
+    suite_dir = copy_suite(tmp_path / "suite")
+    edit(suite_dir, "1gpu-dp1", lambda r: r["metrics"].update(throughput_tokens_per_s=200.0))
+    records, _ = load_runs(suite_dir)
+    tp2 = next(r for r in records if r["run_id"] == "2gpu-tp2")
+    assert tp2["metrics"]["speedup"] == pytest.approx(181.6 / 200.0)  # the file still says 1.127
+    assert tp2["metrics"]["parallel_efficiency"] == pytest.approx(181.6 / 200.0 / 2)
+    assert [r["metrics"]["scaling"] for r in records if r["status"] == "ok"] == \
+        ["baseline", "weak", "strong", "strong", "weak", "weak", "weak", "strong"]
+
+
+def test_without_a_matching_baseline_speedups_are_dashes_with_the_reason(tmp_path):
+    suite_dir = copy_suite(tmp_path / "suite")
+    edit(suite_dir, "1gpu-dp1", lambda r: r["env"].update(device_name="NVIDIA A10 (fixture)"))
+    render_report(suite_dir)
+    md = (suite_dir / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 2gpu-tp2 | tensor_data_hybrid"))
+    assert "| 181.6 | — | — | strong |" in row
+    assert "`metrics.speedup`: no finished 1-rank run in this folder with the same device" in md
+
+
+# ---- the recommendation, the setup, the findings ---------------------------------------------
+
+def test_the_report_opens_with_the_recommendation(rendered):
+    suite_dir, _ = rendered
+    md = (suite_dir / "report.md").read_text()
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings[:2] == ["## Recommendation", "## Findings"]
+    html = (suite_dir / "report.html").read_text()
+    assert html.index('<section id="recommendation">') < html.index("<h2>Findings</h2>")
+
+
+def test_the_recommendation_names_the_best_per_rank_count_by_how_much_and_why(tmp_path):
+    from gptbench.report.recommend import recommendations
+
+    records, _ = load_runs(copy_suite(tmp_path / "suite"))
+    sentences = recommendations(records)
+    assert sentences[0].startswith("1 rank: pure_data_parallel (1gpu-dp1), 161.2 tokens/s, the only configuration")
+    assert sentences[1] == (
+        "2 ranks: pure_data_parallel (2gpu-dp2), 317.3 tokens/s, 1.75x the next best, tensor_data_hybrid "
+        "(2gpu-tp2), 1.97x one rank (weak scaling). Why: tensor_data_hybrid (2gpu-tp2) loses: 41% communication, "
+        "21% waiting, 38% compute; pipeline_data_hybrid (2gpu-pp2) loses: 6% communication, 48% waiting, "
+        "46% compute; 2gpu-dp2 itself: 1% communication, 2% waiting, 97% compute.")
+    assert sentences[2].startswith("4 ranks: pure_data_parallel (4gpu-dp4)")
+    assert "4gpu-tp2-pp2" not in sentences[2]  # its tokens differ: never recommended
+    assert sentences[3] == "Left out because their tokens or logits differ from the reference: 4gpu-tp2-pp2."
+
+
+def test_setup_shows_what_runs_share_once_and_what_differs_beside_each_run(tmp_path):
+    suite_dir = copy_suite(tmp_path / "suite")
+    edit(suite_dir, "4gpu-dp4", lambda r: r["engine"].update(threads_per_rank=2))
+    render_report(suite_dir)
+    md = (suite_dir / "report.md").read_text()
+    setup = md.split("## Setup")[1].split("## Environment")[0]
+    assert "| model.n_layer | 48 |" in setup and "| workload.batch_size | 4 |" in setup
+    assert "engine.threads_per_rank |" not in setup  # not shared, so not in the shared table
+    assert "- 4gpu-dp4: `engine.threads_per_rank` = 2" in setup
+    assert "- 2gpu-tp2: `engine.threads_per_rank` = 1" in setup
+    assert "| engine.compile | off (not recorded by 4 run(s)) |" in setup
+    assert ", —" not in setup and "1, 2" not in setup
+    html = (suite_dir / "report.html").read_text()
+    assert "<tr><td>4gpu-dp4</td><td>2</td></tr>" in html
+
+
+def cpu_run(record, threads=1, cores=2):
+    record["env"].update(device="cpu", cpus_usable=cores)
+    record["engine"]["threads_per_rank"] = threads
+
+
+def test_findings_say_when_ranks_crowd_too_few_cores(tmp_path):
+    suite_dir = copy_suite(tmp_path / "suite")
+    for path in (suite_dir / "runs").glob("*pu-*.json"):
+        edit(suite_dir, path.stem, cpu_run)
+    records, _ = load_runs(suite_dir)
+    sentences = findings.findings(records)
+    crowded = [s for s in sentences if "share 2 CPU cores" in s]
+    assert [s.split("(")[1].split(")")[0] for s in crowded] == ["4gpu-tp2-dp2", "4gpu-pp2-dp2", "4gpu-tp2-pp2"]
+    assert "4 ranks x 1 thread(s) share 2 CPU cores, so part of the loss is ranks waiting for a core" in crowded[0]
+    from gptbench.report.recommend import recommendations
+    assert "4 ranks x 1 thread(s) share 2 CPU cores" in recommendations(records)[2]
+    assert "share 2 CPU cores" not in recommendations(records)[1]  # 2 ranks x 1 thread fit
+
+
+def test_memory_shows_model_bytes_beside_the_measured_kind(rendered):
+    md = (rendered[0] / "report.md").read_text()
+    assert "| 2gpu-tp2 | 1.63 / 1.63 GiB | 1.70 / 1.68 GiB (CUDA peak allocated) |" in md
+    assert "| 4gpu-dp4 | — | 3.19 / 3.19 / 3.19 / 3.19 GiB (CUDA peak allocated) |" in md
+
+
+def test_rss_is_labelled_as_a_whole_process(tmp_path):
+    suite_dir = copy_suite(tmp_path / "suite")
+    edit(suite_dir, "1gpu-dp1", lambda r: r["metrics"]["peak_memory_bytes"].update(kind="rss"))
+    render_report(suite_dir)
+    assert "| 1gpu-dp1 | 3.27 GiB | 3.19 GiB (RSS, whole process) |" in (suite_dir / "report.md").read_text()
+
+
+def test_breakdown_and_predicted_tpot_are_shown_where_recorded(rendered):
+    md = (rendered[0] / "report.md").read_text()
+    assert "| 2gpu-tp2 | 31.0 | 34.7 | 21.8 | 23.8 | 17.4 | 1.25 | 38% / 41% / 21% | 41.0% | — |" in md
+    assert "| 4gpu-dp4 | 39.1 | 43.8 | 25.3 | 27.6 | — | — | — | 0.6% | — |" in md
+
+
+def test_new_charts_need_their_fields(tmp_path):
+    records, _ = load_runs(copy_suite(tmp_path / "suite"))
+    assert charts.breakdown_chart(records) is not None and charts.predicted_tpot_chart(records) is not None
+    for record in records:
+        if record["metrics"]:
+            record["metrics"].pop("time_breakdown", None)
+            record["metrics"].pop("predicted", None)
+    assert charts.breakdown_chart(records) is None and charts.predicted_tpot_chart(records) is None
+
+
+def test_graph_breaks_and_nodes_are_named(tmp_path):
+    suite_dir = copy_suite(tmp_path / "suite")
+
+    def compiled(record):
+        record["engine"]["compile"] = "default"
+        record["metrics"]["graph_breaks"] = 3
+        record["topology"]["nodes"] = 2
+    edit(suite_dir, "2gpu-dp2", compiled)
+    render_report(suite_dir)
+    md = (suite_dir / "report.md").read_text()
+    assert ("- 2gpu-dp2, `metrics.graph_breaks`: 3 graph break(s) in the compiled decode step "
+            "(engine.compile default): those parts ran eagerly") in md
+    assert "Graph breaks: 2gpu-dp2 compiled its decode step with 3 graph break(s)" in md
+    assert "| 2gpu-dp2 | pure_data_parallel | 2 | dp2 tp1 pp1 on 2 nodes |" in md
+
+
+def test_notes_name_every_run_once_per_reason(rendered):
+    md = (rendered[0] / "report.md").read_text()
+    assert ("- 1gpu-dp1, 2gpu-dp2, 2gpu-tp2, 4gpu-dp4, 4gpu-tp2-dp2, `metrics.bubble_fraction`: "
+            "no pipeline stages (pp=1)") in md
+    assert "- 1gpu-dp1, 2gpu-dp2, 2gpu-tp2, 2gpu-pp2, `metrics.time_breakdown`: one profiled batch" in md

@@ -100,7 +100,7 @@ def _json_files(folder) -> list[str]:
 
 
 def _measurement(body: bytes):
-    """What a rerun would change (the suite may still add a derived speedup to a record)."""
+    """What a rerun would change."""
     r = json.loads(body)
     return r["created_at"], r["wall_s"], (r["metrics"] or {}).get("throughput_tokens_per_s")
 
@@ -187,14 +187,24 @@ def test_every_configuration_is_recorded_exactly_once(work, resumed):
     assert sorted(r["run_id"] for r in rows) == sorted(RUN_IDS)
 
 
+def _summary(work) -> dict:
+    with open(work / "out" / "summary.csv", encoding="utf-8", newline="") as f:
+        return {row["run_id"]: row for row in csv.DictReader(f)}
+
+
 def test_statuses_speedup_and_report(work, resumed):
     records = {n[:-5]: json.loads(body) for n, (_, body) in resumed["stamps"].items()}
     assert records["1r-dp"]["status"] == "ok" and records["2r-tp"]["status"] == "ok"
     full = records["2r-full"]
     assert full["status"] == "not_applicable" and "needs tp>=2 and pp>=2" in full["error"]
-    speedup = records["2r-tp"]["metrics"]["speedup"]
-    assert speedup is not None and speedup > 0
-    assert records["2r-tp"]["metrics"]["baseline_run_id"] == "1r-dp"
+    # Records keep no speedup (it would go stale); the report derives it.
+    assert records["2r-tp"]["metrics"]["speedup"] is None
+    assert "derived by the reader" in records["2r-tp"]["null_reasons"]["metrics.speedup"]
+    rows = _summary(work)
+    throughput = {k: r["metrics"]["throughput_tokens_per_s"] for k, r in records.items() if r["metrics"]}
+    assert float(rows["2r-tp"]["speedup"]) == pytest.approx(throughput["2r-tp"] / throughput["1r-dp"])
+    assert rows["2r-tp"]["baseline_run_id"] == "1r-dp" and rows["2r-tp"]["scaling"] == "strong"
+    assert rows["1r-dp"]["scaling"] == "baseline" and float(rows["1r-dp"]["speedup"]) == 1.0
     for name in ("report.html", "report.md", "summary.csv"):
         assert (work / "out" / name).stat().st_size > 0, name
 
@@ -210,8 +220,27 @@ def test_resume_of_a_finished_suite_runs_nothing(resumed_again, resumed):
             == {n: _measurement(b) for n, (_, b) in resumed["stamps"].items()})
 
 
-def test_a_fresh_start_moves_results_aside_and_sigterm_stops_it(work, resumed_again):
-    before = resumed_again["stamps"]
+@pytest.fixture(scope="module")
+def rerun_baseline(work, resumed_again):
+    """`--only 1r-dp`: the baseline measured again, the other records untouched."""
+    before = _summary(work)
+    proc = _finish(work, "--only", "1r-dp")
+    return {"proc": proc, "before": before, "after": _summary(work), "stamps": _stamps(work)}
+
+
+def test_rerunning_the_baseline_moves_the_other_speedups(rerun_baseline, resumed_again):
+    assert rerun_baseline["proc"].returncode == 0, rerun_baseline["proc"].stderr[-3000:]
+    before, after = rerun_baseline["before"], rerun_baseline["after"]
+    assert after["1r-dp"]["throughput_tokens_per_s"] != before["1r-dp"]["throughput_tokens_per_s"]
+    assert after["2r-tp"]["throughput_tokens_per_s"] == before["2r-tp"]["throughput_tokens_per_s"]
+    assert rerun_baseline["stamps"]["2r-tp.json"] == resumed_again["stamps"]["2r-tp.json"]  # not rewritten
+    assert float(after["2r-tp"]["speedup"]) == pytest.approx(
+        float(after["2r-tp"]["throughput_tokens_per_s"]) / float(after["1r-dp"]["throughput_tokens_per_s"]))
+    assert after["2r-tp"]["speedup"] != before["2r-tp"]["speedup"]
+
+
+def test_a_fresh_start_moves_results_aside_and_sigterm_stops_it(work, rerun_baseline):
+    before = rerun_baseline["stamps"]
     code, out, err, ended = _interrupt(work, signal.SIGTERM, _rank_of(work, "1r-dp"))
     print(f"SIGTERM: the suite exited {ended:.1f} s after the signal")
     assert code == 143, err[-2000:]
