@@ -20,6 +20,7 @@ label says what kind of scaling the speedup measures, by what the run did:
 from __future__ import annotations
 
 import copy
+import math
 
 from gptbench.results import DERIVED_KEYS, value_at
 
@@ -69,7 +70,8 @@ def relative_to(record: dict, baseline: dict) -> dict:
     (both finished runs with a throughput)."""
     speedup = (record["metrics"]["throughput_tokens_per_s"]
                / baseline["metrics"]["throughput_tokens_per_s"])
-    ranks = value_at(record, "topology.world_size") or 1
+    topology = record.get("topology") or {}
+    ranks = topology.get("world_size") or math.prod(topology.get(a) or 1 for a in ("dp", "tp", "pp"))
     return {"speedup": speedup, "parallel_efficiency": speedup / ranks,
             "scaling": label(record), "baseline_run_id": baseline["run_id"]}
 
