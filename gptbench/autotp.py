@@ -2,7 +2,7 @@
 
 Stock DeepSpeed 0.19.8 deny-lists `gpt2` in AutoTP, crashes in the Conv1D path with an
 explicit injection policy, and its fused kernels need `n_head % tp == 0` (GPT-2 XL has 25
-heads). The recipe below (measured in DESIGN.md) gives tokens equal to the unsharded model,
+heads). The recipe below (docs/deepspeed-notes.md, AutoTP for GPT-2) gives tokens equal to the unsharded model,
 also for uneven heads (25 -> 13/12 at tp=2, 7/6/6/6 at tp=4):
 
 1. every Conv1D in the blocks becomes an `nn.Linear` (weight transposed);

@@ -122,7 +122,8 @@ def deepspeed_generator(plan, model):
     from gptbench.strategies.base import RankContext
 
     with _single_rank_env():
-        # DeepSpeed's CPU shm all-reduce ignores process groups (DESIGN.md): keep it off.
+        # DeepSpeed's CPU shm all-reduce ignores process groups (docs/deepspeed-notes.md,
+        # CPU all-reduce): keep it off.
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo")
     ctx = RankContext(cfg=plan.cfg, grid=plan.grid, rank=0, device=plan.device,

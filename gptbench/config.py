@@ -41,7 +41,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TopologyConfig:
     world_size: typing.Optional[int] = None  # None: as many ranks as the launcher started
-    tp: typing.Optional[int] = None          # None: the strategy's default (DESIGN.md)
+    tp: typing.Optional[int] = None          # None: the strategy's default (2)
     pp: typing.Optional[int] = None
     micro_batches: typing.Optional[int] = None  # None: pp, enough to fill the pipeline
     partition_method: str = "parameters"

@@ -1,6 +1,6 @@
 """`gptbench plan`: per-rank memory and bandwidth bounds of every strategy, before any run.
 
-What each rank holds follows the mechanisms gptbench uses (DESIGN.md):
+What each rank holds follows the mechanisms gptbench uses (docs/deepspeed-notes.md):
 - data parallel: the whole model per rank.
 - tensor parallel (AutoTP): block matrices split by heads (uneven: 25 heads -> 13/12, the
   first ranks hold more) and MLP columns; LayerNorms, row-parallel biases and the

@@ -179,7 +179,7 @@ def prefill_flops(model: ModelDims, batch: int, input_len: int,
     of it forward; causal masking is not credited) + 2*n_embd*vocab for the LM head
     (Kaplan's "De-embed") on the positions whose logits are computed. Generation needs
     only the last position's (transformers' logits_to_keep); counting all positions gives
-    DESIGN.md's ~3.27 TFLOP for GPT-2 XL at 4x256, the last only ~3.10 TFLOP."""
+    ~3.27 TFLOP for GPT-2 XL at 4x256 (docs/deepspeed-notes.md, GPT-2 XL arithmetic), the last only ~3.10 TFLOP."""
     tokens = batch * input_len
     per_token = 2 * non_embedding_params(model) + 4 * model.n_layer * input_len * model.n_embd
     logit_positions = tokens if logits_for_all_positions else batch
@@ -203,7 +203,7 @@ def decode_step_bound_s(device: DeviceSpec, stages: Sequence[tuple[float, float]
 
     A pipeline step is one `eval_batch`: m micro-batches flow through the stages; a tick
     of stage s reads its weights and one micro-batch's KV. m identical jobs through a flow
-    shop take sum(ticks) + (m-1)*max(ticks); equal ticks t give DESIGN.md's (m+p-1)*t.
+    shop take sum(ticks) + (m-1)*max(ticks); equal ticks t give (m+p-1)*t.
     Tensor-parallel all-reduces are not modelled (they only add time)."""
     ticks_s = [(weights + kv / micro_batches) / device.memory_bandwidth_bytes_per_s
                for weights, kv in stages]

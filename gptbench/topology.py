@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from gptbench.errors import NotApplicable, UserError
 
-DEFAULT_DEGREE = 2  # DESIGN.md: tp=2 for tensor_data_hybrid, pp=2 for pipelines
+DEFAULT_DEGREE = 2  # tp=2 for tensor_data_hybrid, pp=2 for pipelines (docs/deepspeed-notes.md)
 
 
 @dataclass(frozen=True)

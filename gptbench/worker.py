@@ -59,7 +59,8 @@ def init_distributed(plan: RunPlan, rank: int, world: int, local_size: int) -> N
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     # DeepSpeed's CPU shm all-reduce ignores process groups: with tensor-parallel groups
-    # smaller than the world its results are silently wrong (DESIGN.md). Keep it off.
+    # smaller than the world its results are silently wrong (docs/deepspeed-notes.md,
+    # CPU all-reduce). Keep it off.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     timeout = _dt.timedelta(seconds=plan.cfg.engine.comm_timeout_s)
     # Groups made later (tensor-parallel groups, DeepSpeed's pipeline groups) take torch's

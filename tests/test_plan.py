@@ -33,7 +33,7 @@ def test_one_gpu_data_parallel_fits():
     assert row.verdict == "fits"
     assert row.bytes_per_decode_step == WEIGHTS + MEAN_STEP_KV
     assert row.tpot_ms_bound == pytest.approx((WEIGHTS + MEAN_STEP_KV) / BW_3080 * 1e3)
-    assert row.tokens_per_s_bound == pytest.approx(877, rel=0.01)  # DESIGN.md
+    assert row.tokens_per_s_bound == pytest.approx(877, rel=0.01)  # docs/deepspeed-notes.md
     assert row.speedup_bound == 1.0
 
 

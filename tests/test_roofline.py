@@ -1,4 +1,4 @@
-"""Roofline arithmetic checked by hand against DESIGN.md's GPT-2 XL numbers."""
+"""Roofline arithmetic checked by hand against the GPT-2 XL numbers of docs/deepspeed-notes.md."""
 import pytest
 import torch
 
@@ -73,7 +73,7 @@ def test_prefill_flops():
     lm_head = 2 * 1600 * 50257       # per position with logits
     all_positions = prefill_flops(XL, 4, 256, logits_for_all_positions=True)
     assert all_positions == 1024 * (2 * n + attention) + 1024 * lm_head
-    assert all_positions == pytest.approx(3.27e12, rel=0.01)  # DESIGN.md
+    assert all_positions == pytest.approx(3.27e12, rel=0.01)  # docs/deepspeed-notes.md
     assert prefill_flops(XL, 4, 256) == 1024 * (2 * n + attention) + 4 * lm_head
 
 
