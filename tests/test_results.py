@@ -259,3 +259,15 @@ def test_a_broken_file_that_duplicates_a_run_id_is_skipped_for_its_own_reason(tm
     reasons = {p.name: reason for p, reason in skipped}
     assert reasons["a-broken.json"].startswith("metrics.throughput_tokens_per_s is \"fast\"")
     assert reasons["z-copy.json"] == "duplicate run_id 'r'; runs/r.json is used"
+
+
+def test_the_record_module_depends_on_no_reader():
+    """results.py owns the record; the report and compare read through it, never the reverse
+    (an import cycle made each half depend on the other)."""
+    import ast
+
+    tree = ast.parse(open(results.__file__, encoding="utf-8").read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert imported <= {"__future__", "datetime", "json", "math", "os", "tempfile", "pathlib",
+                        "gptbench.errors", "gptbench.stats"}, imported
