@@ -378,3 +378,14 @@ def test_notes_name_every_run_once_per_reason(rendered):
     assert ("- 1gpu-dp1, 2gpu-dp2, 2gpu-tp2, 4gpu-dp4, 4gpu-tp2-dp2, `metrics.bubble_fraction`: "
             "no pipeline stages (pp=1)") in md
     assert "- 1gpu-dp1, 2gpu-dp2, 2gpu-tp2, 2gpu-pp2, `metrics.time_breakdown`: one profiled batch" in md
+
+
+def test_a_speedup_beyond_linear_is_called_suspect(tmp_path):
+    suite_dir = copy_suite(tmp_path / "suite")
+    edit(suite_dir, "1gpu-dp1", lambda r: r["metrics"].update(throughput_tokens_per_s=100.0))
+    records, _ = load_runs(suite_dir)
+    assert [r["run_id"] for r in findings.superlinear(records)] == ["2gpu-dp2", "4gpu-dp4"]
+    sentence = next(s for s in findings.findings(records) if s.startswith("More than linear"))
+    assert sentence.startswith("More than linear speedup (2gpu-dp2 159%, 4gpu-dp4 156%): usually the baseline "
+                               "(1gpu-dp1) ran slower than it can")
+    assert "--only 1gpu-dp1" in sentence

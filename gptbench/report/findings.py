@@ -6,6 +6,8 @@ from gptbench.results import value_at
 
 # Below this parallel efficiency a configuration "loses scaling" and the report says why.
 EFFICIENCY_LOSS_BELOW = 0.8
+# Above this parallel efficiency a speedup is more than linear: suspect the measurement.
+SUPERLINEAR_ABOVE = 1.1
 # A share of the profiled batch large enough to name as a cause of the loss.
 CAUSE_SHARE_ABOVE = 0.1
 BREAKDOWN_PARTS = ("communication", "waiting", "compute")
@@ -27,6 +29,22 @@ def scaling_losses(records: list[dict]) -> list[dict]:
             and r["metrics"]["parallel_efficiency"] < EFFICIENCY_LOSS_BELOW]
 
 
+def superlinear(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["status"] == "ok" and (value_at(r, "topology.world_size") or 1) > 1
+            and (value_at(r, "metrics.parallel_efficiency") or 0) > SUPERLINEAR_ABOVE]
+
+
+def superlinear_sentence(records: list[dict]) -> list[str]:
+    runs = superlinear(records)
+    if not runs:
+        return []
+    listed = ", ".join(f"{r['run_id']} {r['metrics']['parallel_efficiency']:.0%}" for r in runs)
+    baselines = sorted({value_at(r, "metrics.baseline_run_id") for r in runs})
+    return [f"More than linear speedup ({listed}): usually the baseline ({', '.join(baselines)}) ran slower "
+            "than it can, e.g. on a busy machine or with more threads than free cores; rerun it alone "
+            f"(gptbench suite FILE --only {baselines[0]}) before trusting these speedups."]
+
+
 def parity_failures(records: list[dict]) -> list[dict]:
     """Runs whose tokens differ from the reference or whose logits are off by more than the tolerance."""
     return [r for r in records if value_at(r, "parity.tokens_match") is False or logits_beyond_tolerance(r)]
@@ -44,6 +62,7 @@ def findings(records: list[dict]) -> list[str]:
         return ["No run finished with a throughput, so there is nothing to rank."] + unfinished_sentence(records)
     sentences = [f"Best throughput: {describe(best)}, {best['metrics']['throughput_tokens_per_s']:.1f} tokens/s"
                  + speedup_clause(best) + "."]
+    sentences += superlinear_sentence(records)
     sentences += [loss_sentence(run) for run in scaling_losses(records)]
     sentences += [parity_sentence(run) for run in parity_failures(records)]
     sentences += [graph_break_sentence(run) for run in records if (value_at(run, "metrics.graph_breaks") or 0) > 0]
