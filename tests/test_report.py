@@ -363,6 +363,7 @@ def test_graph_breaks_and_nodes_are_named(tmp_path):
     def compiled(record):
         record["engine"]["compile"] = "default"
         record["metrics"]["graph_breaks"] = 3
+        record["metrics"]["compile"] = {"graphs": 4, "graphs_while_measuring": 1}
         record["topology"]["nodes"] = 2
     edit(suite_dir, "2gpu-dp2", compiled)
     render_report(suite_dir)
@@ -370,6 +371,8 @@ def test_graph_breaks_and_nodes_are_named(tmp_path):
     assert ("- 2gpu-dp2, `metrics.graph_breaks`: 3 graph break(s) in the compiled decode step "
             "(engine.compile default): those parts ran eagerly") in md
     assert "Graph breaks: 2gpu-dp2 compiled its decode step with 3 graph break(s)" in md
+    assert ("- 2gpu-dp2, `metrics.compile.graphs_while_measuring`: 1 graph(s) compiled inside the measured "
+            "region: its timings include compilation") in md
     assert "| 2gpu-dp2 | pure_data_parallel | 2 | dp2 tp1 pp1 on 2 nodes |" in md
 
 

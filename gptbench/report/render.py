@@ -152,6 +152,10 @@ def notes(records: list[dict]) -> list[dict]:
             grouped.setdefault(("metrics.graph_breaks", f"{breaks} graph break(s) in the compiled decode step "
                                 f"(engine.compile {value_at(record, 'engine.compile')}): those parts ran "
                                 "eagerly"), []).append(record["run_id"])
+        late = value_at(record, "metrics.compile.graphs_while_measuring")
+        if isinstance(late, int) and late > 0:
+            grouped.setdefault(("metrics.compile.graphs_while_measuring", f"{late} graph(s) compiled inside the "
+                                "measured region: its timings include compilation"), []).append(record["run_id"])
         source = value_at(record, "metrics.time_breakdown.source")
         if isinstance(source, str):
             grouped.setdefault(("metrics.time_breakdown", source), []).append(record["run_id"])
