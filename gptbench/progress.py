@@ -1,5 +1,6 @@
-"""Where a run is, on the console while it runs: loading the model -> sharding -> parity
-probe -> warm-up -> iteration 2/3, batch 4/5 -> profiling -> gathering results.
+"""Where a run is, on the console while it runs: loading the model -> sharding ->
+(compiling) -> parity probe -> warm-up -> iteration 2/3, batch 4/5 -> profiling ->
+gathering results.
 
 The output rank reports (`phase`, `counting_barrier`); the others report nothing. Reports
 are made at phase boundaries and between batches, never inside a timed region: the batch

@@ -141,6 +141,7 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
     start = snapshot()
     wall = time.perf_counter()
     if plan.compile_mode != "off":
+        progress.phase("compiling")
         steps = min(plan.cfg.workload.output_len, WARMUP_CALLS)
         with torch.no_grad():
             for ids in {tuple(b.shape): b for b in (batches[0], probe)}.values():

@@ -12,7 +12,7 @@ from gptbench import progress, runner
 from gptbench.strategies.base import Step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ("loading the model", "sharding", "parity probe", "warm-up", "timed iterations",
+PHASES = ("loading the model", "sharding", "compiling", "parity probe", "warm-up", "timed iterations",
           "profiling one batch", "gathering results")
 
 
