@@ -145,6 +145,8 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
         steps = min(plan.cfg.workload.output_len, WARMUP_CALLS)
         with torch.no_grad():
             for ids in {tuple(b.shape): b for b in (batches[0], probe)}.values():
+                if hasattr(gen, "precompile"):  # pipeline stages: each on its own first
+                    gen.precompile(ids)
                 for _ in range(WARMUP_CALLS):
                     runner.generate_batch(gen, ids, steps)
     stats = CompileStats.since(start)

@@ -128,6 +128,23 @@ class Stage:
             cache.reset()
             position.zero_()
 
+    def precompile(self, mb_size: int, m: int, input_len: int, n_embd: int) -> None:
+        """Compile (and on CUDA record) every shape on this stage alone, on dummy inputs:
+        otherwise a stage compiles only when its first real input arrives, after the
+        previous stage's compilation, and waits for it inside a receive."""
+        from gptbench.compiled import WARMUP_CALLS
+
+        def dummy(length):
+            if self.embed is not None:
+                return torch.zeros((mb_size, length), dtype=torch.long, device=self.device)
+            return torch.zeros((mb_size, length, n_embd), dtype=self.dtype, device=self.device)
+
+        for _ in range(WARMUP_CALLS):
+            self.begin(mb_size, m)
+            for k in range(m):
+                self.run(dummy(input_len), k)
+                self.run(dummy(1), k)
+
     def run(self, x: torch.Tensor, k: int) -> torch.Tensor:
         cache, position = self.active[k]
         if self.cudagraphs:
@@ -215,6 +232,10 @@ class InFlightGenerator:
     def module(self):
         return self.engine.module
 
+    def precompile(self, ids: torch.Tensor) -> None:
+        if self.stage.mode != "off":
+            self.stage.precompile(ids.shape[0] // self.m, self.m, ids.shape[1], self.n_embd)
+
     def _recv_hidden(self, mb: int, length: int):
         buf = torch.empty((mb, length, self.n_embd), dtype=self.stage.dtype,
                           device=self.stage.device)
@@ -281,10 +302,14 @@ class InFlightGenerator:
 class FlushGenerator:
     """DeepSpeed's schedule: one `eval_batch` per token over the stage function."""
 
-    def __init__(self, engine, stage: Stage, peers: _Peers, m: int):
-        self.engine, self.stage, self.peers, self.m = engine, stage, peers, m
+    def __init__(self, engine, stage: Stage, peers: _Peers, m: int, n_embd: int):
+        self.engine, self.stage, self.peers, self.m, self.n_embd = engine, stage, peers, m, n_embd
         self.next_k = 0
         engine.module.forward_funcs = [self._stage_call]  # PipelineModule runs exactly this
+
+    def precompile(self, ids: torch.Tensor) -> None:
+        if self.stage.mode != "off":
+            self.stage.precompile(ids.shape[0] // self.m, self.m, ids.shape[1], self.n_embd)
 
     @property
     def module(self):
@@ -292,7 +317,9 @@ class FlushGenerator:
 
     def _stage_call(self, x):
         k, self.next_k = self.next_k, self.next_k + 1  # eval_batch runs micro-batches in order
-        return self.stage.run(x, k)
+        # PipelineEngine marks received activations as requiring grad (it was made for
+        # training): detached, they match what the stage was compiled for.
+        return self.stage.run(x.detach(), k)
 
     def _run(self, ids: torch.Tensor) -> Step:
         self.next_k = 0
@@ -389,5 +416,5 @@ def build(ctx: RankContext):
                   ctx.info["compile_mode"], w.input_len + w.output_len)
     peers = _Peers(grid, ctx.rank, engine.grid.get_pipe_parallel_group())
     if cfg.topology.pipeline_schedule == "flush":
-        return FlushGenerator(engine, stage, peers, m)
+        return FlushGenerator(engine, stage, peers, m, model.config.n_embd)
     return InFlightGenerator(engine, stage, peers, m, model.config.n_embd)
