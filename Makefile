@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 GPTBENCH := $(PY) -m gptbench.cli
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install test demo report bench-cpu bench-1gpu bench-all gpu-check gpu-wheels diagnose clean \
+.PHONY: install test test-multinode demo report bench-cpu bench-1gpu bench-all gpu-check gpu-wheels diagnose clean \
         $(foreach n,2 4,$(foreach s,dp tp pp full,bench-$(n)gpu-$(s)))
 
 install: $(STAMP)
@@ -29,6 +29,11 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 
 test: install
 	$(PY) -m pytest -q tests
+
+# DeepSpeed's multi-node launcher on two loopback "hosts" of this machine (its own sshd on
+# 127.0.0.1/127.0.0.2, throw-away keys; installs openssh-server and pdsh when missing).
+test-multinode: install
+	bash scripts/multinode/test.sh
 
 demo: install
 	$(GPTBENCH) suite deepspeed_configs/demo-cpu.yaml

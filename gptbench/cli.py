@@ -11,7 +11,7 @@ from gptbench.errors import UserError
 def _run(a) -> int:
     from gptbench import launcher
 
-    record = launcher.run(a.config, a.set, ranks=a.ranks)
+    record = launcher.run(a.config, a.set, ranks=a.ranks, hostfile=a.hostfile)
     m = record.get("metrics") or {}
     status = record["status"]
     if status == "ok":
@@ -77,7 +77,7 @@ def _datasets_make(a) -> int:
 def _diagnose(a) -> int:
     from gptbench.diagnose import diagnose
 
-    text, code = diagnose()
+    text, code = diagnose(hostfile=a.hostfile)
     print(text)
     return code
 
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--ranks", type=int, help="ranks to start (default topology.world_size or 1)")
+    r.add_argument("--hostfile", help="DeepSpeed hostfile ('HOST slots=N' lines): one rank per "
+                   "slot on those hosts, started over ssh by DeepSpeed's multi-node launcher")
     r.set_defaults(fn=_run)
 
     s = sub.add_parser("suite", help="every configuration of a suite YAML, then the report")
@@ -152,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(fn=_datasets_make)
 
     dg = sub.add_parser("diagnose", help="GPUs, drivers, CUDA/NCCL, topology, DeepSpeed ops")
+    dg.add_argument("--hostfile", help="also check every host of this DeepSpeed hostfile: ssh, "
+                    "the repo at the same path, the same gptbench/torch/DeepSpeed versions")
     dg.set_defaults(fn=_diagnose)
 
     b = sub.add_parser("bench-cpu", help="harness overhead and 2-rank scaling on CPU")

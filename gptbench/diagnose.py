@@ -41,7 +41,7 @@ class Report:
         self.item(f"PROBLEM: {text}")
 
 
-def diagnose() -> tuple[str, int]:
+def diagnose(hostfile: str | None = None) -> tuple[str, int]:
     report = Report()
     _software(report)
     nvml_gpu_count = _nvml(report)
@@ -57,6 +57,10 @@ def diagnose() -> tuple[str, int]:
         _visible_gpus(report, nvml_gpu_count > 0)
         _peer_access(report)
     _inference_ops(report)
+    if hostfile:
+        from gptbench.hostcheck import check_hosts
+
+        check_hosts(report, hostfile)
     verdict = ("; ".join(report.problems) if report.problems
                else "GPU suite can run" if torch.cuda.is_available() else "no GPU found, CPU runs only")
     report.lines.append(f"verdict: {verdict}")

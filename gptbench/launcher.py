@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import psutil
 
-from gptbench import faults, progress, results
+from gptbench import faults, multinode, progress, results
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
+from gptbench.hostfile import load_layout
 from gptbench.runplan import resolve, run_id_for
 from gptbench.worker import error_path
 
@@ -126,13 +127,17 @@ def check_dataset(cfg, vocab_size: int, dp: int) -> None:
 
 def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
         log_path: str | None = None, env: dict | None = None,
-        check_fault_rank: bool = True, progress_position: int | None = None) -> dict:
+        check_fault_rank: bool = True, progress_position: int | None = None,
+        hostfile: str | None = None) -> dict:
     """Launch one configuration; returns its record (also written under output_dir/runs).
 
-    `check_fault_rank=False` (suites) lets GPTBENCH_FAULT name a rank this run lacks."""
+    `check_fault_rank=False` (suites) lets GPTBENCH_FAULT name a rank this run lacks.
+    `hostfile`: run on its hosts through DeepSpeed's multi-node launcher (multinode.py)."""
     env = {**os.environ, **(env or {})}
     fault_spec = env.get(faults.ENV) or None
     faults.parse(fault_spec)
+    layout = load_layout(hostfile, ranks) if hostfile else None
+    ranks = layout.world_size if layout else ranks
     p = prepare(config_path, overrides, ranks, fault_spec if check_fault_rank else None)
     cfg, world, run_id = p.cfg, p.world, p.run_id
     path = results.run_path(cfg.output_dir, run_id)
@@ -140,10 +145,14 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
         record = results.not_applicable(cfg, world, run_id, p.not_applicable)
         results.write_json_atomic(path, record)
         return record
-    visible = env.get("CUDA_VISIBLE_DEVICES") if p.device_type == "cuda" else None
-    cmd = deepspeed_command(config_path, list(overrides) + [f"run_id={run_id}"], world, visible)
-    _clear_previous(cfg.output_dir, run_id, world)
     env[progress.ENV] = os.path.join(cfg.output_dir, "runs", ".ranks", f"{run_id}.progress")
+    if layout:  # before the command: the multi-node path forwards the environment as it is
+        cmd, env = multinode.launch_command(layout, ENTRY, config_path, list(overrides) + [
+            f"run_id={run_id}"], cfg.output_dir, run_id, env)
+    else:
+        visible = env.get("CUDA_VISIBLE_DEVICES") if p.device_type == "cuda" else None
+        cmd = deepspeed_command(config_path, list(overrides) + [f"run_id={run_id}"], world, visible)
+    _clear_previous(cfg.output_dir, run_id, world)
     started = time.time()
     log = open(log_path, "w", encoding="utf-8") if log_path else None
     proc = None
@@ -166,7 +175,8 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     finally:
         if log:
             log.close()
-    return finalize(cfg, run_id, world, proc.returncode, timed_out, time.time() - started)
+    record = finalize(cfg, run_id, world, proc.returncode, timed_out, time.time() - started)
+    return multinode.annotate(record, layout, path) if layout else record
 
 
 def group_members(pgid: int) -> list[psutil.Process]:

@@ -5,6 +5,8 @@ Suite YAML:
     output_dir: reports/demo
     base: tiny-cpu.yaml        # benchmark config every run starts from (relative path)
     set: {workload.iterations: 3}   # overrides for every run
+    hostfile: hosts.txt        # optional: every run on these hosts (relative path; one rank
+                               # per slot, so a run's `ranks` is the slot total or omitted)
     runs:
       - {id: 1r-dp, ranks: 1, set: {strategy: pure_data_parallel}}
 
@@ -33,7 +35,7 @@ from gptbench import faults, launcher, results
 from gptbench.config import override_pairs, read_yaml
 from gptbench.errors import UserError
 
-SUITE_KEYS = {"title", "output_dir", "base", "set", "runs", "description"}
+SUITE_KEYS = {"title", "output_dir", "base", "set", "runs", "description", "hostfile"}
 RUN_KEYS = {"id", "ranks", "set"}
 
 
@@ -51,6 +53,7 @@ class Suite:
     output_dir: str
     base: str
     runs: tuple[SuiteRun, ...]
+    hostfile: str | None = None
 
 
 def load_suite(path: str, output_dir: str | None = None, only: list[str] | None = None,
@@ -73,6 +76,7 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
     common = _suite_pairs(data.get("set"), f"{path}: set")
     if not isinstance(data["runs"], list) or not data["runs"]:
         raise UserError(f"{path}: 'runs' must be a non-empty list")
+    hostfile, slots = _hostfile(path, data.get("hostfile"))
     runs, seen = [], set()
     for i, item in enumerate(data["runs"]):
         where = f"{path}: runs[{i}]"
@@ -85,9 +89,12 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
         if run_id in seen:
             raise UserError(f"{where}: duplicate id '{run_id}'")
         seen.add(run_id)
-        ranks = item.get("ranks", 1)
+        ranks = item.get("ranks", slots or 1)
         if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
             raise UserError(f"{where}: ranks must be a positive integer, got {ranks!r}")
+        if slots and ranks != slots:
+            raise UserError(f"{where}: ranks={ranks}, but the suite's hostfile {hostfile} has "
+                            f"{slots} slot(s): every run uses all of them")
         own = common + _suite_pairs(item.get("set"), where)
         runs.append(SuiteRun(run_id, ranks, tuple(own + command_line + [f"output_dir={out}", f"run_id={run_id}"]),
                              _replaced(own, command_line, run_id)))
@@ -97,7 +104,20 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
         if missing:
             raise UserError(f"--only: no run '{missing[0]}' in {path} (runs: {', '.join(sorted(seen))})")
         runs = [r for r in runs if r.run_id in only]
-    return Suite(str(data.get("title") or os.path.basename(path)), out, base, tuple(runs))
+    return Suite(str(data.get("title") or os.path.basename(path)), out, base, tuple(runs),
+                 hostfile)
+
+
+def _hostfile(path: str, value) -> tuple[str | None, int | None]:
+    """(the suite's hostfile, relative to the suite file, and its slot total) or Nones."""
+    if value is None:
+        return None, None
+    if not isinstance(value, str):
+        raise UserError(f"{path}: hostfile must be the path of a DeepSpeed hostfile, got {value!r}")
+    from gptbench.hostfile import read_hostfile
+
+    hostfile = os.path.join(os.path.dirname(path), value)
+    return hostfile, sum(slots for _, slots in read_hostfile(hostfile))
 
 
 def _key(pair: str) -> str:
@@ -154,6 +174,11 @@ def check(suite: Suite, path: str) -> None:
             launcher.prepare(suite.base, list(r.overrides), r.ranks)
         except UserError as e:
             raise UserError(f"{path}: run '{r.run_id}': {e}") from None
+    if suite.hostfile:  # every host answers by ssh before the first run starts
+        from gptbench.hostfile import load_layout
+        from gptbench.multinode import preflight
+
+        preflight(load_layout(suite.hostfile), dict(os.environ))
 
 
 def _set_aside(output_dir: str) -> str | None:
@@ -208,7 +233,8 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
             bar.set_postfix_str(f"{r.run_id} running")
             record = launcher.run(suite.base, list(r.overrides), ranks=r.ranks,
                                   log_path=os.path.join(suite.output_dir, "logs", f"{r.run_id}.log"),
-                                  check_fault_rank=False, progress_position=1)
+                                  check_fault_rank=False, progress_position=1,
+                                  hostfile=suite.hostfile)
             current = None
             done += 1
             bar.write(_line(record))

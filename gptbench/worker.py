@@ -17,7 +17,7 @@ import traceback
 
 import torch
 
-from gptbench import faults, parity, progress, results
+from gptbench import faults, multinode, parity, progress, results
 from gptbench.compiled import CompileStats
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
@@ -128,6 +128,7 @@ def run_rank(plan: RunPlan, rank: int, inject) -> tuple[dict, dict]:
     mine["is_output"] = is_output
     mine["params"] = sum(p.numel() for p in gen.module.parameters())
     mine["shm_allreduce"] = _shm_allreduce_active()
+    mine.update(multinode.rank_facts())  # host and socket addresses, once every group exists
     return mine, ctx.info
 
 
@@ -166,7 +167,8 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
                               heads_per_tp_rank=info.get("heads_per_tp_rank"),
                               stage_layers=info.get("stage_layers"),
                               params_per_rank=[r["params"] for r in ranks],
-                              pipe_topology=info.get("pipe_topology"))
+                              pipe_topology=info.get("pipe_topology"),
+                              **multinode.placement(ranks))
     record["workload"]["dtype"] = str(plan.dtype).replace("torch.", "")
     record["engine"]["threads_per_rank"] = torch.get_num_threads()
     record["engine"]["shm_allreduce"] = any(r["shm_allreduce"] for r in ranks)
@@ -249,6 +251,7 @@ def _plans(args, rank: int, world: int, local_rank: int, local_size: int) -> lis
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    multinode.die_with_launcher()
     rank, world, local_rank, local_size = dist_env()
     try:
         faults.parse(os.environ.get(faults.ENV))  # a bad spec is bad input, not a failed run
