@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import re
+import socket
 from dataclasses import dataclass
 
 from gptbench.errors import UserError
@@ -102,10 +104,32 @@ def load_layout(path: str, ranks: int | None = None) -> Layout:
                         f"({', '.join(f'{h}: {s}' for h, s in hosts)}); with a hostfile every "
                         f"slot runs one rank")
     master = hosts[0][0]
-    if is_loopback(master) and all(is_loopback(h) for h, _ in hosts):
-        from gptbench.worker import _free_port
+    loopback = all(is_loopback(h) for h, _ in hosts) and is_loopback(master)
+    return Layout(os.path.abspath(path), hosts, master,
+                  loopback_port() if loopback else DEFAULT_MASTER_PORT)
 
-        port = _free_port()
-    else:
-        port = DEFAULT_MASTER_PORT
-    return Layout(os.path.abspath(path), hosts, master, port)
+
+def loopback_port() -> int:
+    """A port free now on 127.0.0.1, below the kernel's ephemeral range.
+
+    Rank 0 listens on it only after the whole ssh and import chain (tens of seconds on a
+    busy machine); a port from the ephemeral range (what binding port 0 returns) can be
+    handed to some other process's connection meanwhile, and rank 0 then fails with
+    EADDRINUSE (seen here). Ports below the range are never handed out implicitly."""
+    low = ephemeral_low()
+    for port in random.sample(range(max(1024, low - 10000), low), 100):
+        try:
+            socket.create_server(("127.0.0.1", port)).close()
+            return port
+        except OSError:
+            continue
+    raise UserError(f"no free port on 127.0.0.1 between {max(1024, low - 10000)} and {low}")
+
+
+def ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    """The first port of the kernel's ephemeral range (Linux default 32768)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768

@@ -193,6 +193,7 @@ def test_two_nodes_match_hugging_face_on_every_rank(suite_runs, run_id):
 
 @pytest.mark.parametrize("run_id", ["tp", "pp", "full"])
 def test_record_places_ranks_node_by_node(suite_runs, run_id):
+    assert suite_runs["records"][run_id]["status"] == "ok"
     topology = suite_runs["records"][run_id]["topology"]
     assert topology["nodes"] == 2
     assert topology["hosts"] == HOSTS
@@ -260,6 +261,8 @@ def fault_run(tmp_path, run_id: str, strategy: str, fault: str, when_line: str, 
     ended = finish(proc, watcher, reader, timeout_s=500)
     text = "\n".join(line for _, line in lines)
     assert fault_at is not None, f"the fault never fired:\n{text[-3000:]}"
+    print(f"\n{run_id}: the run ended {ended - fault_at:.1f} s after the fault "
+          f"(bound {FAULT_BOUND_S} s)")
     return record_of(out, run_id), proc.returncode, ended - fault_at, leftovers(str(out)), text
 
 

@@ -133,4 +133,4 @@ echo "test-multinode: sshd $GPTBENCH_MULTINODE_SSHD_PID on 127.0.0.1:$PORT and 1
 pdsh -S -w 127.0.0.1,127.0.0.2 'echo reached over ssh: $SSH_CONNECTION'
 
 # 4. The runs.
-"$PY" -m pytest -q -p no:cacheprovider tests/test_multinode.py "$@"
+"$PY" -m pytest -q -s -p no:cacheprovider tests/test_multinode.py "$@"
