@@ -32,10 +32,12 @@ install_packages() {
         printf '#!/bin/sh\nexit 101\n' > $policy && chmod +x $policy && made_policy=1
     fi
     echo "test-multinode: apt-get install ${missing[*]}"
-    apt-get -qq -o DPkg::Lock::Timeout=300 update
-    DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=300 install -y \
-        --no-install-recommends "${missing[@]}" >/dev/null
+    local status=0
+    { apt-get -qq -o DPkg::Lock::Timeout=300 update &&
+      DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=300 install -y \
+          --no-install-recommends "${missing[@]}" >/dev/null; } || status=$?
     [ -z "$made_policy" ] || rm -f $policy
+    [ $status -eq 0 ] || { echo "test-multinode: apt-get failed ($status)" >&2; exit $status; }
 }
 
 # `ip link set lo up` without needing iproute2: SIOCGIFFLAGS / SIOCSIFFLAGS | IFF_UP.
