@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import psutil
 import pytest
 
 from gptbench import hostcheck, multinode
@@ -153,8 +152,30 @@ time.sleep(60)
 """
 PARENT = """
 import subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", {child!r}], stdout=sys.stdout)
+subprocess.Popen([sys.executable, "-c", {child!r}], stdout=sys.stdout)
 time.sleep(60)
+"""
+# Runs parent (the launcher) and child (a rank), SIGKILLs the parent and says whether the
+# child died. It is the child's subreaper, so the orphan is reaped here, not left a zombie.
+REAPER = """
+import ctypes, os, signal, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+parent = subprocess.Popen([sys.executable, "-c", {parent!r}], stdout=subprocess.PIPE, text=True)
+child = int(parent.stdout.readline())
+parent.kill()
+parent.wait()
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    try:
+        if os.waitpid(child, os.WNOHANG)[0]:
+            print("died")
+            sys.exit(0)
+    except ChildProcessError:  # not yet handed to us
+        pass
+    time.sleep(0.1)
+os.kill(child, signal.SIGKILL)
+os.waitpid(child, 0)
+print("survived")
 """
 
 
@@ -163,19 +184,10 @@ def test_a_rank_dies_with_its_launcher(under_deepspeed):
     env = {k: v for k, v in os.environ.items() if k != "CROSS_RANK"}
     if under_deepspeed:
         env["CROSS_RANK"] = "0"  # what DeepSpeed's per-node launcher sets
-    parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT.format(child=CHILD.format(root=ROOT))],
-        stdout=subprocess.PIPE, text=True, env=env)
-    child = psutil.Process(int(parent.stdout.readline()))
-    parent.kill()  # SIGKILL: the launcher gets no chance to stop its children
-    parent.wait()
-    try:
-        child.wait(timeout=10)
-        died = True
-    except psutil.TimeoutExpired:
-        died = False
-        child.kill()
-    assert died == under_deepspeed
+    script = REAPER.format(parent=PARENT.format(child=CHILD.format(root=ROOT)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.stdout.strip() == ("died" if under_deepspeed else "survived"), result.stderr
 
 
 def test_failed_record_gets_hosts_and_the_failed_host(tmp_path):
