@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import stat
 
 import pytest
 
@@ -253,3 +254,20 @@ def test_read_record_skips_corrupt_and_foreign_files(tmp_path):
     good = {"schema": results.SCHEMA, "run_id": "g", "status": "ok"}
     results.write_json_atomic(str(runs / "good.json"), good)
     assert [r["run_id"] for r in results.load_records(str(tmp_path))] == ["g"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path, umask):
+    """mkstemp creates 0600 files: records and reports would be private to their writer."""
+    previous = os.umask(umask)
+    try:
+        results.write_json_atomic(str(tmp_path / "record.json"), {"a": 1})
+        results.write_atomic(str(tmp_path / "report.html"), b"<html></html>")
+        with open(tmp_path / "plain.txt", "w", encoding="utf-8") as f:
+            f.write("x")
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
+    assert expected == 0o666 & ~umask
+    for name in ("record.json", "report.html"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == expected, name
