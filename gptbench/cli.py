@@ -11,7 +11,7 @@ from gptbench.errors import UserError
 def _run(a) -> int:
     from gptbench import launcher
 
-    record = launcher.run(a.config, a.set, ranks=a.ranks)
+    record = launcher.run(a.config, a.set, ranks=a.ranks, refuse_not_applicable=True)
     m = record.get("metrics") or {}
     status = record["status"]
     if status == "ok":

@@ -126,16 +126,20 @@ def check_dataset(cfg, vocab_size: int, dp: int) -> None:
 
 def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
         log_path: str | None = None, env: dict | None = None,
-        check_fault_rank: bool = True) -> dict:
+        check_fault_rank: bool = True, refuse_not_applicable: bool = False) -> dict:
     """Launch one configuration; returns its record (also written under output_dir/runs).
 
-    `check_fault_rank=False` (suites) lets GPTBENCH_FAULT name a rank this run lacks."""
+    `check_fault_rank=False` (suites) lets GPTBENCH_FAULT name a rank this run lacks.
+    `refuse_not_applicable` (a single `gptbench run`): a grid that cannot be formed is bad
+    input (UserError, nothing written); a suite records it as `not_applicable` instead."""
     env = {**os.environ, **(env or {})}
     fault_spec = env.get(faults.ENV) or None
     faults.parse(fault_spec)
     p = prepare(config_path, overrides, ranks, fault_spec if check_fault_rank else None)
     cfg, world, run_id = p.cfg, p.world, p.run_id
     path = results.run_path(cfg.output_dir, run_id)
+    if p.not_applicable and refuse_not_applicable:
+        raise UserError(f"{run_id}: not applicable: {p.not_applicable}")
     if p.not_applicable:
         record = results.not_applicable(cfg, world, run_id, p.not_applicable)
         results.write_json_atomic(path, record)

@@ -82,8 +82,10 @@ def run_id_for(cfg: RunConfig, world_size: int) -> str:
     try:
         grid = make_grid(cfg.strategy, world_size, t.tp, t.pp)
         return default_run_id(cfg.strategy, world_size, grid.tp, grid.pp)
-    except UserError:
-        return default_run_id(cfg.strategy, world_size, t.tp or 2, t.pp or 2)
+    except UserError:  # a grid that cannot be formed is named by the degrees it asked for
+        tp = 1 if cfg.strategy in ("pure_data_parallel", "pipeline_data_hybrid") else t.tp or 2
+        pp = 1 if cfg.strategy in ("pure_data_parallel", "tensor_data_hybrid") else t.pp or 2
+        return default_run_id(cfg.strategy, world_size, tp, pp)
 
 
 def model_dims(cfg: RunConfig) -> dict:

@@ -105,6 +105,10 @@ CASES = {
                            "--only: no run 'zz'"),
     "compare-unknown-metric": ({}, ["compare", FIXTURE_SUITE, FIXTURE_SUITE, "--fail-on",
                                     "speed_of_light:5"], {}, "speed_of_light"),
+    "not-applicable-run": ({}, ["run", "--config", "tiny.yaml", "--set",
+                                "strategy=tensor_data_hybrid", "--set", "topology.tp=3"], {},
+                           "1r-tp-tp3-pp1: not applicable: tp=3 needs at least 3 ranks; "
+                           "this run has 1"),
     "fault-bad-kind": ({}, ["run", "--config", "tiny.yaml"],
                        {"GPTBENCH_FAULT": "rank=0,at=decode,kind=explode"}, "kind='explode'"),
     "fault-not-key-value": ({}, ["run", "--config", "tiny.yaml"], {"GPTBENCH_FAULT": "crash"},
@@ -117,7 +121,7 @@ CASES = {
                                       {"GPTBENCH_FAULT": "rank=1,at=load,kind=crash"}, "rank=1"),
 }
 # The end-to-end subset: the real command in its own process.
-SUBPROCESS = ("unknown-strategy", "malformed-yaml", "malformed-dataset-line", "fault-bad-kind",
+SUBPROCESS = ("unknown-strategy", "not-applicable-run", "malformed-yaml", "malformed-dataset-line", "fault-bad-kind",
               "suite-duplicate-ids", "tp-over-heads")
 
 

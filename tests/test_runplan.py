@@ -126,3 +126,15 @@ def test_bad_deepspeed_json_is_bad_input(tmp_path, content, message):
         path.write_text(content, encoding="utf-8")
     with pytest.raises(UserError, match=f"engine.deepspeed_config: .*{message}"):
         resolve(cfg(engine__deepspeed_config=str(path)), 1)
+
+
+@pytest.mark.parametrize("over, ranks, run_id", [
+    (dict(strategy="tp", topology__tp=3), 1, "1r-tp-tp3-pp1"),
+    (dict(strategy="pp", topology__pp=4), 1, "1r-pp-tp1-pp4"),
+    (dict(strategy="full"), 2, "2r-full-tp2-pp2"),
+])
+def test_a_grid_that_cannot_be_formed_is_named_by_its_own_degrees(over, ranks, run_id):
+    """No pipeline degree in a tensor run's name, no tensor degree in a pipeline's."""
+    from gptbench.runplan import run_id_for
+
+    assert run_id_for(cfg(**over), ranks) == run_id
