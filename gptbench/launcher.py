@@ -26,7 +26,7 @@ import psutil
 from gptbench import faults, results
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
-from gptbench.runplan import resolve, run_id_for
+from gptbench.runplan import check_output_dir, resolve, run_id_for
 from gptbench.worker import error_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,8 +97,10 @@ def prepare(config_path: str | None, overrides: list[str], ranks: int | None = N
     try:
         plan = resolve(cfg, world)
     except NotApplicable as e:
+        check_output_dir(cfg.output_dir)  # a suite records the row there
         return Prepared(cfg, world, run_id_for(cfg, world), str(e), None)
     check_dataset(cfg, plan.model_dims["vocab_size"], plan.grid.dp)
+    check_output_dir(cfg.output_dir)
     return Prepared(cfg, world, plan.run_id, None, plan.device.type)
 
 

@@ -73,6 +73,26 @@ def workload_samples(cfg: RunConfig, vocab_size: int, dp: int) -> torch.Tensor:
                                  prompts=prompts, tokenizer=load_tokenizer(cfg.model.name))
 
 
+def check_output_dir(path: str) -> None:
+    """UserError unless `path` is a folder this process can write in, or can be created.
+
+    Probed by creating (and removing) a folder in the nearest existing ancestor: access()
+    says yes to root everywhere, even in /proc or on a read-only mount. Nothing stays."""
+    import tempfile
+
+    target = os.path.abspath(path)
+    probe = target
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"output_dir: cannot create {path}: {probe} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".gptbench-probe-"))
+    except OSError as e:
+        raise UserError(f"output_dir: cannot create {path}: cannot write in {probe} "
+                        f"({e.strerror})") from None
+
+
 def run_id_for(cfg: RunConfig, world_size: int) -> str:
     if cfg.run_id:
         return cfg.run_id

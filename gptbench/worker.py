@@ -20,7 +20,7 @@ import torch
 from gptbench import faults, parity, results
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
-from gptbench.runplan import RunPlan, resolve, run_id_for
+from gptbench.runplan import RunPlan, check_output_dir, resolve, run_id_for
 from gptbench.strategies import REGISTRY
 from gptbench.strategies.base import RankContext
 
@@ -185,6 +185,7 @@ def _plans(args, rank: int, world: int, local_rank: int, local_size: int) -> lis
     plans = []
     for sets in _variants(args):
         cfg = load_config(args.config, sets)
+        check_output_dir(cfg.output_dir)
         try:
             plans.append(resolve(cfg, world, local_rank, local_size))
         except NotApplicable as e:

@@ -109,6 +109,11 @@ CASES = {
                                 "strategy=tensor_data_hybrid", "--set", "topology.tp=3"], {},
                            "1r-tp-tp3-pp1: not applicable: tp=3 needs at least 3 ranks; "
                            "this run has 1"),
+    "output-dir-in-proc": ({}, ["run", "--config", "tiny.yaml", "--set", "output_dir=/proc/x"],
+                           {}, "output_dir: cannot create /proc/x"),
+    "output-dir-under-a-file": ({"f.txt": "x"}, ["run", "--config", "tiny.yaml", "--set",
+                                                 "output_dir=f.txt/out"], {},
+                                "output_dir: cannot create f.txt/out"),
     "fault-bad-kind": ({}, ["run", "--config", "tiny.yaml"],
                        {"GPTBENCH_FAULT": "rank=0,at=decode,kind=explode"}, "kind='explode'"),
     "fault-not-key-value": ({}, ["run", "--config", "tiny.yaml"], {"GPTBENCH_FAULT": "crash"},
@@ -121,7 +126,7 @@ CASES = {
                                       {"GPTBENCH_FAULT": "rank=1,at=load,kind=crash"}, "rank=1"),
 }
 # The end-to-end subset: the real command in its own process.
-SUBPROCESS = ("unknown-strategy", "not-applicable-run", "malformed-yaml", "malformed-dataset-line", "fault-bad-kind",
+SUBPROCESS = ("unknown-strategy", "not-applicable-run", "output-dir-in-proc", "malformed-yaml", "malformed-dataset-line", "fault-bad-kind",
               "suite-duplicate-ids", "tp-over-heads")
 
 
