@@ -26,6 +26,7 @@ import psutil
 from gptbench import faults, results
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
+from gptbench.rankwatch import RankWatch, watchdog_error
 from gptbench.runplan import check_output_dir, resolve, run_id_for
 from gptbench.worker import error_path
 
@@ -150,27 +151,31 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     cmd = deepspeed_command(config_path, list(overrides) + [f"run_id={run_id}"], world, visible)
     _clear_previous(cfg.output_dir, run_id, world)
     started = time.time()
-    log = open(log_path, "w", encoding="utf-8") if log_path else None
+    log = open(log_path, "wb") if log_path else None
+    # The output passes through the watch (to the log or the console): it is where torch's
+    # NCCL watchdog says which collective timed out before it aborts a rank.
+    watch = RankWatch(ENTRY, world, sink=log)
     proc = None
     try:
-        proc = subprocess.Popen(cmd, stdout=log or None,
-                                stderr=subprocess.STDOUT if log else None,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)
-        timed_out = False
-        try:
-            proc.wait(timeout=cfg.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        watch.follow(proc.stdout)
+        timed_out = not watch.wait(proc, cfg.timeout_s)
         stop(proc)  # also after a normal exit: no rank outlives its launcher
+        watch.close()
     except BaseException:  # Ctrl-C, SIGTERM: stop the ranks, drop the partial record
         if proc is not None:
             stop(proc)
+            watch.close()
         drop_unfinished(path)
         raise
     finally:
+        if proc is not None:
+            proc.stdout.close()
         if log:
             log.close()
-    return finalize(cfg, run_id, world, proc.returncode, timed_out, time.time() - started)
+    return finalize(cfg, run_id, world, proc.returncode, timed_out, time.time() - started,
+                    watch)
 
 
 def group_members(pgid: int) -> list[psutil.Process]:
@@ -256,6 +261,11 @@ def _clean(line: str) -> str:
     return SOURCE_LOCATION.sub("", line)
 
 
+def _has_cause(errors: dict[int, dict]) -> bool:
+    """Some rank reported its own failure, not only that it gave up waiting for a peer."""
+    return any(not WAITING.search(e["error"]) for e in errors.values())
+
+
 def blame(errors: dict[int, dict], world: int) -> tuple[int | None, str, str]:
     """(failing rank, status, one-line error) from what the ranks reported."""
     causes = {r: e for r, e in errors.items() if not WAITING.search(e["error"])}
@@ -275,18 +285,30 @@ def blame(errors: dict[int, dict], world: int) -> tuple[int | None, str, str]:
 
 
 def finalize(cfg, run_id: str, world: int, returncode: int | None, timed_out: bool,
-             wall_s: float) -> dict:
+             wall_s: float, watch: RankWatch | None = None) -> dict:
     path = results.run_path(cfg.output_dir, run_id)
     record = results.read_record(path)
+    watch = watch or RankWatch(ENTRY, world)
     if record is not None and record.get("status") == "ok" and not timed_out:
+        if watch.peak_rss_bytes:
+            record["rank_peak_rss_bytes"] = watch.peak_rss_record()
+            results.write_json_atomic(path, record)
         return record
     errors = _rank_errors(cfg.output_dir, run_id, world)
+    for rank, timeout in watch.timeouts.items():  # aborted by NCCL's watchdog: no error file
+        errors.setdefault(rank, {"rank": rank, "status": "failed",
+                                 "error": watchdog_error(timeout)})
+    told = None if timed_out or _has_cause(errors) else watch.explain(returncode)
+    if told is not None and errors and (told[0] is None or told[0] in errors):
+        told = None  # the signal does not explain the silent rank the others waited for
     if timed_out:
         silent = [r for r in range(world) if r not in errors]
         status, rank = "timeout", None
         line = (f"the run exceeded timeout_s={cfg.timeout_s:g} s and was stopped "
                 f"(no error from rank(s) {', '.join(map(str, silent)) or 'none'}; "
                 f"see engine.comm_timeout_s)")
+    elif told is not None:
+        (rank, line), status = told, "failed"
     else:
         rank, status, line = blame(errors, world)
         if not errors:
@@ -295,6 +317,7 @@ def finalize(cfg, run_id: str, world: int, returncode: int | None, timed_out: bo
                                 record if record is not None and record.get("status") != "ok"
                                 else None)
     record["wall_s"] = wall_s
+    record["rank_peak_rss_bytes"] = watch.peak_rss_record()
     if any(e.get("cuda_memory") for e in errors.values()):
         record["memory_at_failure"] = {r: e["cuda_memory"] for r, e in errors.items()
                                        if e.get("cuda_memory")}
