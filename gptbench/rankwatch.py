@@ -23,6 +23,9 @@ import time
 import psutil
 
 POLL_S = 0.1
+# How launchers stop the other ranks once one has failed (DeepSpeed's launch.py: SIGTERM,
+# SIGKILL 30 s later; gptbench's stop(): SIGTERM, SIGKILL after GRACE_S): never the cause.
+CLEANUP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 SCAN_S = 0.5  # how often to look for rank processes not yet seen
 # torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp, WorkNCCL::checkTimeout():
 #   c10::str(logPrefix(), "Watchdog caught collective operation timeout: ", *this,
@@ -180,9 +183,9 @@ class RankWatch:
             return [], None
         first = min(t for t, _ in self.died.values())
         ranks = sorted(r for r, (t, _) in self.died.items() if t - first <= POLL_S * 1.5)
-        signalled = [r for r in ranks if self.died[r][1]]
-        ranks = signalled or ranks
-        signals = {self.died[r][1] for r in ranks if self.died[r][1]}
+        killed = [r for r in ranks if self.died[r][1] and self.died[r][1] not in CLEANUP_SIGNALS]
+        ranks = killed or ranks
+        signals = {self.died[r][1] for r in killed}
         return ranks, (signals.pop() if len(signals) == 1 else None)
 
     def explain(self, returncode: int | None) -> tuple[int | None, str] | None:

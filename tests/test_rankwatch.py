@@ -148,3 +148,14 @@ def test_find_ranks_reads_rank_from_the_process_environment():
             child.kill()
         parent.kill()
         parent.wait()
+
+
+def test_ranks_stopped_by_the_launcher_are_not_the_cause():
+    """Rank 0 failed (exit 1, its error file says why); DeepSpeed's launcher then SIGTERMs
+    rank 1, seen dead in the same poll: SIGTERM is how launchers stop ranks, not a cause."""
+    watch = RankWatch(launcher.ENTRY, 2)
+    watch.died = {0: (10.0, None), 1: (10.05, signal.SIGTERM)}
+    assert watch.first_dead() == ([0, 1], None)
+    assert watch.explain(1) is None
+    watch.died[1] = (10.05, signal.SIGKILL)  # the OOM killer's signal is a cause
+    assert watch.first_dead() == ([1], signal.SIGKILL)
