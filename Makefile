@@ -10,9 +10,11 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 GPTBENCH := $(PY) -m gptbench.cli
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# One row of the GPU suite each: bench-2gpu-dp ... bench-4gpu-full (suite ids 2gpu-dp ...).
+GPU_ROWS := $(foreach n,2 4,$(foreach s,dp tp pp full,bench-$(n)gpu-$(s)))
 
 .PHONY: install test test-multinode demo report bench-cpu bench-1gpu bench-all gpu-check gpu-wheels diagnose clean \
-        $(foreach n,2 4,$(foreach s,dp tp pp full,bench-$(n)gpu-$(s)))
+        $(GPU_ROWS)
 
 install: $(STAMP)
 
@@ -47,11 +49,10 @@ bench-cpu: install
 bench-1gpu: install
 	$(GPTBENCH) suite deepspeed_configs/suite-gpu.yaml --only 1gpu-dp
 
-bench-2gpu-%: install
-	$(GPTBENCH) suite deepspeed_configs/suite-gpu.yaml --resume --only 2gpu-$*
-
-bench-4gpu-%: install
-	$(GPTBENCH) suite deepspeed_configs/suite-gpu.yaml --resume --only 4gpu-$*
+# A static pattern rule: make never searches implicit (`bench-4gpu-%:`) rules for .PHONY
+# targets, so such a rule did nothing ("Nothing to be done").
+$(GPU_ROWS): bench-%: install
+	$(GPTBENCH) suite deepspeed_configs/suite-gpu.yaml --resume --only $*
 
 bench-all: install
 	$(GPTBENCH) suite deepspeed_configs/suite-gpu.yaml

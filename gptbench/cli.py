@@ -11,7 +11,8 @@ from gptbench.errors import UserError
 def _run(a) -> int:
     from gptbench import launcher
 
-    record = launcher.run(a.config, a.set, ranks=a.ranks, hostfile=a.hostfile)
+    record = launcher.run(a.config, a.set, ranks=a.ranks, hostfile=a.hostfile,
+                          refuse_not_applicable=True)
     m = record.get("metrics") or {}
     status = record["status"]
     if status == "ok":

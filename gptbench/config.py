@@ -66,8 +66,9 @@ class WorkloadConfig:
 @dataclass(frozen=True)
 class ParityConfig:
     enabled: bool = True
-    samples: int = 2
-    tokens: int = 4
+    # None: one whole batch of the replica, so the probe always splits into micro-batches
+    samples: typing.Optional[int] = None
+    tokens: int = 8  # capped by workload.output_len
     tolerance: typing.Optional[float] = None  # None: by dtype (parity.py)
 
 
@@ -281,12 +282,9 @@ def _check_values(cfg: RunConfig) -> None:
     if w.num_samples % w.batch_size:
         raise UserError(f"workload.num_samples ({w.num_samples}) must be a multiple of "
                         f"workload.batch_size ({w.batch_size}): batches are never padded")
-    if cfg.parity.enabled and cfg.parity.samples > w.batch_size:
+    if cfg.parity.enabled and (cfg.parity.samples or 0) > w.batch_size:
         raise UserError(f"parity.samples ({cfg.parity.samples}) must be <= workload.batch_size "
                         f"({w.batch_size})")
-    if cfg.parity.enabled and cfg.parity.tokens > w.output_len:
-        raise UserError(f"parity.tokens ({cfg.parity.tokens}) must be <= workload.output_len "
-                        f"({w.output_len})")
     if w.dataset is not None and not os.path.isfile(w.dataset):
         raise UserError(f"workload.dataset: file not found: {w.dataset}")
     if cfg.run_id is not None and not all(c.isalnum() or c in "-_." for c in cfg.run_id):

@@ -1,15 +1,18 @@
 """Fault injection for tests and users: GPTBENCH_FAULT=rank=R,at=POINT,kind=KIND.
 
 POINT is load, prefill or decode (the first time that rank reaches it); KIND is crash (an
-exception), hang (sleep until killed) or oom (the device's out-of-memory error: a real
-CUDA OOM on GPUs, torch.OutOfMemoryError raised on CPU). The rank says on stderr what it
-injects, so a log shows that the fault fired (a hang is otherwise silent).
+exception), hang (sleep until killed), oom (the device's out-of-memory error: a real
+CUDA OOM on GPUs, torch.OutOfMemoryError raised on CPU) or sigkill (the rank SIGKILLs
+itself, as the kernel's OOM killer does when host memory runs out: no error file, no
+Python exception). The rank says on stderr what it injects, so a log shows that the fault
+fired (a hang is otherwise silent).
 
 `gptbench run` and `gptbench suite` check the spec before anything starts (exit 2).
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from gptbench.errors import UserError
 
 POINTS = ("load", "prefill", "decode")
-KINDS = ("crash", "hang", "oom")
+KINDS = ("crash", "hang", "oom", "sigkill")
 ENV = "GPTBENCH_FAULT"
 FIELDS = ("rank", "at", "kind")
 
@@ -74,6 +77,8 @@ class Injector:
         if kind == "hang":
             while True:
                 time.sleep(3600)
+        if kind == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
         import torch
 
         message = f"injected out of memory at {point} ({ENV})"

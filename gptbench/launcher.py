@@ -27,7 +27,8 @@ from gptbench import faults, multinode, progress, results
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
 from gptbench.hostfile import load_layout
-from gptbench.runplan import resolve, run_id_for
+from gptbench.rankwatch import RankWatch, watchdog_error
+from gptbench.runplan import check_output_dir, resolve, run_id_for
 from gptbench.worker import error_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,8 +99,10 @@ def prepare(config_path: str | None, overrides: list[str], ranks: int | None = N
     try:
         plan = resolve(cfg, world)
     except NotApplicable as e:
+        check_output_dir(cfg.output_dir)  # a suite records the row there
         return Prepared(cfg, world, run_id_for(cfg, world), str(e), None)
     check_dataset(cfg, plan.model_dims["vocab_size"], plan.grid.dp)
+    check_output_dir(cfg.output_dir)
     return Prepared(cfg, world, plan.run_id, None, plan.device.type)
 
 
@@ -128,11 +131,13 @@ def check_dataset(cfg, vocab_size: int, dp: int) -> None:
 def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
         log_path: str | None = None, env: dict | None = None,
         check_fault_rank: bool = True, progress_position: int | None = None,
-        hostfile: str | None = None) -> dict:
+        hostfile: str | None = None, refuse_not_applicable: bool = False) -> dict:
     """Launch one configuration; returns its record (also written under output_dir/runs).
 
     `check_fault_rank=False` (suites) lets GPTBENCH_FAULT name a rank this run lacks.
-    `hostfile`: run on its hosts through DeepSpeed's multi-node launcher (multinode.py)."""
+    `hostfile`: run on its hosts through DeepSpeed's multi-node launcher (multinode.py).
+    `refuse_not_applicable` (a single `gptbench run`): a grid that cannot be formed is bad
+    input (UserError, nothing written); a suite records it as `not_applicable` instead."""
     env = {**os.environ, **(env or {})}
     fault_spec = env.get(faults.ENV) or None
     faults.parse(fault_spec)
@@ -141,6 +146,8 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     p = prepare(config_path, overrides, ranks, fault_spec if check_fault_rank else None)
     cfg, world, run_id = p.cfg, p.world, p.run_id
     path = results.run_path(cfg.output_dir, run_id)
+    if p.not_applicable and refuse_not_applicable:
+        raise UserError(f"{run_id}: not applicable: {p.not_applicable}")
     if p.not_applicable:
         record = results.not_applicable(cfg, world, run_id, p.not_applicable)
         results.write_json_atomic(path, record)
@@ -154,28 +161,32 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
         cmd = deepspeed_command(config_path, list(overrides) + [f"run_id={run_id}"], world, visible)
     _clear_previous(cfg.output_dir, run_id, world)
     started = time.time()
-    log = open(log_path, "w", encoding="utf-8") if log_path else None
+    log = open(log_path, "wb") if log_path else None
+    # The output passes through the watch (to the log or the console): it is where torch's
+    # NCCL watchdog says which collective timed out before it aborts a rank.
+    watch = RankWatch(ENTRY, world, sink=log)
     proc = None
     try:
-        proc = subprocess.Popen(cmd, stdout=log or None,
-                                stderr=subprocess.STDOUT if log else None,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)
-        timed_out = False
-        try:
-            with progress.watch(env[progress.ENV], run_id, position=progress_position):
-                proc.wait(timeout=cfg.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        watch.follow(proc.stdout)
+        with progress.watch(env[progress.ENV], run_id, position=progress_position):
+            timed_out = not watch.wait(proc, cfg.timeout_s)
         stop(proc)  # also after a normal exit: no rank outlives its launcher
+        watch.close()
     except BaseException:  # Ctrl-C, SIGTERM: stop the ranks, drop the partial record
         if proc is not None:
             stop(proc)
+            watch.close()
         drop_unfinished(path)
         raise
     finally:
+        if proc is not None:
+            proc.stdout.close()
         if log:
             log.close()
-    record = finalize(cfg, run_id, world, proc.returncode, timed_out, time.time() - started)
+    record = finalize(cfg, run_id, world, proc.returncode, timed_out, time.time() - started,
+                      watch)
     return multinode.annotate(record, layout, path) if layout else record
 
 
@@ -262,6 +273,11 @@ def _clean(line: str) -> str:
     return SOURCE_LOCATION.sub("", line)
 
 
+def _has_cause(errors: dict[int, dict]) -> bool:
+    """Some rank reported its own failure, not only that it gave up waiting for a peer."""
+    return any(not WAITING.search(e["error"]) for e in errors.values())
+
+
 def blame(errors: dict[int, dict], world: int) -> tuple[int | None, str, str]:
     """(failing rank, status, one-line error) from what the ranks reported."""
     causes = {r: e for r, e in errors.items() if not WAITING.search(e["error"])}
@@ -281,18 +297,30 @@ def blame(errors: dict[int, dict], world: int) -> tuple[int | None, str, str]:
 
 
 def finalize(cfg, run_id: str, world: int, returncode: int | None, timed_out: bool,
-             wall_s: float) -> dict:
+             wall_s: float, watch: RankWatch | None = None) -> dict:
     path = results.run_path(cfg.output_dir, run_id)
     record = results.read_record(path)
+    watch = watch or RankWatch(ENTRY, world)
     if record is not None and record.get("status") == "ok" and not timed_out:
+        if watch.peak_rss_bytes:
+            record["rank_peak_rss_bytes"] = watch.peak_rss_record()
+            results.write_json_atomic(path, record)
         return record
     errors = _rank_errors(cfg.output_dir, run_id, world)
+    for rank, timeout in watch.timeouts.items():  # aborted by NCCL's watchdog: no error file
+        errors.setdefault(rank, {"rank": rank, "status": "failed",
+                                 "error": watchdog_error(timeout)})
+    told = None if timed_out or _has_cause(errors) else watch.explain(returncode)
+    if told is not None and errors and (told[0] is None or told[0] in errors):
+        told = None  # the signal does not explain the silent rank the others waited for
     if timed_out:
         silent = [r for r in range(world) if r not in errors]
         status, rank = "timeout", None
         line = (f"the run exceeded timeout_s={cfg.timeout_s:g} s and was stopped "
                 f"(no error from rank(s) {', '.join(map(str, silent)) or 'none'}; "
                 f"see engine.comm_timeout_s)")
+    elif told is not None:
+        (rank, line), status = told, "failed"
     else:
         rank, status, line = blame(errors, world)
         if not errors:
@@ -301,6 +329,7 @@ def finalize(cfg, run_id: str, world: int, returncode: int | None, timed_out: bo
                                 record if record is not None and record.get("status") != "ok"
                                 else None)
     record["wall_s"] = wall_s
+    record["rank_peak_rss_bytes"] = watch.peak_rss_record()
     if any(e.get("cuda_memory") for e in errors.values()):
         record["memory_at_failure"] = {r: e["cuda_memory"] for r, e in errors.items()
                                        if e.get("cuda_memory")}

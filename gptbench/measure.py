@@ -13,7 +13,7 @@ import torch
 
 from gptbench import parity, progress, runner
 from gptbench.trackers.comm import CommTracker
-from gptbench.trackers.gpu_util import GpuUtilSampler
+from gptbench.trackers.gpu_util import sampler_for
 from gptbench.trackers.memory import MemoryTracker
 from gptbench.trackers.timing import synchronize
 
@@ -36,7 +36,7 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
                                                cfg.parity.tolerance)
 
         memory = MemoryTracker(device)
-        sampler = GpuUtilSampler(device.index or 0)
+        sampler = sampler_for(device)  # only the GPU this rank uses; none on CPU
         memory.reset()
         sampler.start()
         progress.phase("warm-up")

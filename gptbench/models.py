@@ -10,6 +10,8 @@ import os
 import torch
 from torch import nn
 
+from gptbench.errors import UserError
+
 # Architecture of the hub models, so `weights: random` needs no download.
 ARCHITECTURES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -28,6 +30,53 @@ PRESETS = {
 }
 
 
+# What `from_pretrained` reads the weights from, one of these per checkpoint.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def names_a_folder(name: str) -> bool:
+    """A path rather than a hub id ('gpt2-xl', 'openai-community/gpt2-xl')."""
+    return (os.path.isdir(name) or name.startswith(("/", "./", "../", "~"))
+            or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
+
+
+def check_checkpoint(name: str) -> None:
+    """UserError, before any rank starts, when `from_pretrained(name)` cannot find weights:
+    a folder that is missing or holds none, or a hub model that is neither in the Hugging
+    Face cache nor reachable (HF_HUB_OFFLINE=1, or no network)."""
+    if names_a_folder(name):
+        folder = os.path.expanduser(name)
+        if not os.path.isdir(folder):
+            raise UserError(f"model.name: the folder {name} does not exist")
+        missing = [f for f in ("config.json",) if not os.path.isfile(os.path.join(folder, f))]
+        if missing or not any(os.path.isfile(os.path.join(folder, f)) for f in WEIGHT_FILES):
+            raise UserError(f"model.name: {name} holds no Hugging Face checkpoint (config.json "
+                            f"and one of {', '.join(WEIGHT_FILES)})")
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = [try_to_load_from_cache(name, f) for f in ("config.json",) + WEIGHT_FILES]
+    if isinstance(cached[0], str) and any(isinstance(c, str) for c in cached[1:]):
+        return
+    fix = (f"get it once on a machine with network (python -c \"from transformers import "
+           f"GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('{name}')\" fills the cache "
+           f"{constants.HF_HUB_CACHE}; copy that folder here), or pass a local checkpoint "
+           f"folder with --set model.name=/path/to/{name.split('/')[-1]}, or measure without "
+           f"one: --set model.weights=random")
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"model.name: {name} is not in the Hugging Face cache and "
+                        f"HF_HUB_OFFLINE=1 forbids downloading it; {fix}")
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=10)
+    except Exception as e:  # noqa: BLE001 - no network, unknown repo, gated repo: all say why
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise UserError(f"model.name: {name} is not in the Hugging Face cache and cannot be "
+                        f"downloaded ({reason}); {fix}") from None
+
+
 def gpt2_config(name: str, preset: str | None, tie_embeddings: bool = True):
     """The `GPT2Config` of a preset, a known hub name, or a local/hub checkpoint."""
     from transformers import GPT2Config
@@ -39,7 +88,9 @@ def gpt2_config(name: str, preset: str | None, tie_embeddings: bool = True):
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if name in ARCHITECTURES and not os.path.isdir(name):
         return GPT2Config(**ARCHITECTURES[name], tie_word_embeddings=tie_embeddings)
-    return GPT2Config.from_pretrained(name)
+    if names_a_folder(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise UserError(f"model.name: the folder {name} does not exist")
+    return GPT2Config.from_pretrained(os.path.expanduser(name))
 
 
 def load_model(name: str, weights: str, preset: str | None, dtype: torch.dtype,
@@ -48,13 +99,14 @@ def load_model(name: str, weights: str, preset: str | None, dtype: torch.dtype,
     from transformers import GPT2LMHeadModel
 
     if weights == "pretrained":
-        model = GPT2LMHeadModel.from_pretrained(name, dtype=dtype)
+        model = GPT2LMHeadModel.from_pretrained(os.path.expanduser(name), dtype=dtype)
     else:
         config = gpt2_config(name, preset, tie_embeddings)
         torch.manual_seed(seed)
-        # Built on the target device directly: no extra full copy on the host first.
+        # Built on the target device and in the run's dtype directly: an fp32 GPT-2 XL
+        # first would hold 6.4 GB per rank before the cast.
         with torch.device(device):
-            model = GPT2LMHeadModel(config)
+            model = GPT2LMHeadModel._from_config(config, dtype=dtype)
     model = model.to(device=device, dtype=dtype).eval()
     model.generation_config.pad_token_id = model.config.eos_token_id
     return model

@@ -31,11 +31,15 @@ DERIVED_KEYS = ("speedup", "parallel_efficiency", "scaling", "baseline_run_id")
 
 
 def write_atomic(path, data: bytes) -> None:
-    """Temporary file + rename: a killed process never leaves a half-written file."""
+    """Temporary file + rename: a killed process never leaves a half-written file.
+
+    The file gets the mode a plain `open()` would give it (0666 less the umask): mkstemp
+    makes it 0600, which would keep a shared reports/ folder private to its writer."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -43,6 +47,21 @@ def write_atomic(path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it,
+    which would race with files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str, data: dict) -> None:

@@ -6,6 +6,7 @@ work, so `gptbench run` and the suite can refuse bad input before starting a pro
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -74,6 +75,26 @@ def workload_samples(cfg: RunConfig, vocab_size: int, dp: int) -> torch.Tensor:
                                  prompts=prompts, tokenizer=load_tokenizer(cfg.model.name))
 
 
+def check_output_dir(path: str) -> None:
+    """UserError unless `path` is a folder this process can write in, or can be created.
+
+    Probed by creating (and removing) a folder in the nearest existing ancestor: access()
+    says yes to root everywhere, even in /proc or on a read-only mount. Nothing stays."""
+    import tempfile
+
+    target = os.path.abspath(path)
+    probe = target
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"output_dir: cannot create {path}: {probe} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".gptbench-probe-"))
+    except OSError as e:
+        raise UserError(f"output_dir: cannot create {path}: cannot write in {probe} "
+                        f"({e.strerror})") from None
+
+
 def run_id_for(cfg: RunConfig, world_size: int) -> str:
     if cfg.run_id:
         return cfg.run_id
@@ -83,8 +104,10 @@ def run_id_for(cfg: RunConfig, world_size: int) -> str:
     try:
         grid = make_grid(cfg.strategy, world_size, t.tp, t.pp)
         return default_run_id(cfg.strategy, world_size, grid.tp, grid.pp)
-    except UserError:
-        return default_run_id(cfg.strategy, world_size, t.tp or 2, t.pp or 2)
+    except UserError:  # a grid that cannot be formed is named by the degrees it asked for
+        tp = 1 if cfg.strategy in ("pure_data_parallel", "pipeline_data_hybrid") else t.tp or 2
+        pp = 1 if cfg.strategy in ("pure_data_parallel", "tensor_data_hybrid") else t.pp or 2
+        return default_run_id(cfg.strategy, world_size, tp, pp)
 
 
 def model_dims(cfg: RunConfig) -> dict:
@@ -101,19 +124,28 @@ def model_dims(cfg: RunConfig) -> dict:
             "tied_embeddings": bool(c.tie_word_embeddings)}
 
 
-def select_device(cfg: RunConfig, local_rank: int) -> torch.device:
+def select_device(cfg: RunConfig, local_rank: int, local_size: int | None = None) -> torch.device:
+    """cuda:<local rank>, or cpu. `local_size`: the ranks on this machine (default: up to
+    this one), each of which needs its own GPU."""
     want = cfg.engine.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("engine.device: cuda requested but torch sees no CUDA device")
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise UserError(f"engine.device: local rank {local_rank} has no GPU "
-                            f"({count} visible; check CUDA_VISIBLE_DEVICES)")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        check_gpu_count(max(local_size or 0, local_rank + 1), count)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def check_gpu_count(local_ranks: int, gpus_seen: int) -> None:
+    """One GPU per rank on this machine, checked before anything starts, whether
+    CUDA_VISIBLE_DEVICES is set or not (NCCL refuses two ranks of a group on one GPU)."""
+    if gpus_seen < local_ranks:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UserError(
+            f"engine.device: cuda requested for {local_ranks} rank(s) on this machine, one "
+            f"GPU each, but torch sees {gpus_seen} GPU(s) (CUDA_VISIBLE_DEVICES="
+            f"{'unset' if visible is None else repr(visible)})")
 
 
 def select_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
@@ -144,6 +176,19 @@ def _check_kernel_transformers() -> None:
             f"{transformers.__version__}, whose GPT-2 passes a Cache object")
 
 
+def _probe_parity(cfg: RunConfig, micro_batches: int) -> RunConfig:
+    """The config with the parity probe's effective size: `samples: null` is one whole batch
+    (which divides into the micro-batches), `tokens` at most output_len. An explicit probe
+    runs through the pipeline like a batch, so it must split into the micro-batches too."""
+    p, w = cfg.parity, cfg.workload
+    if p.enabled and p.samples is not None and p.samples % micro_batches:
+        raise UserError(f"parity.samples={p.samples} does not split into "
+                        f"topology.micro_batches={micro_batches}; use a multiple of "
+                        f"{micro_batches} or null (one whole batch)")
+    return dataclasses.replace(cfg, parity=dataclasses.replace(
+        p, samples=p.samples or w.batch_size, tokens=min(p.tokens, w.output_len)))
+
+
 def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
             local_size: int | None = None) -> RunPlan:
     t, w, e = cfg.topology, cfg.workload, cfg.engine
@@ -172,6 +217,7 @@ def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
                         f"batch x {w.input_len} tokens) and replays it for every later call, so "
                         "each decode step would rerun the prefill; for CUDA graphs use "
                         "engine.compile: reduce-overhead (one graph per shape, static KV cache)")
+    cfg = _probe_parity(cfg, m)
     if e.kernel_inject and dims["n_head"] % grid.tp:
         raise UserError(f"engine.kernel_inject: DeepSpeed's fused kernels need n_head % tp == 0; "
                         f"{dims['n_head']} heads do not split over tp={grid.tp}")
@@ -187,13 +233,17 @@ def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
         from gptbench import dsconfig
 
         dsconfig.load(cfg)  # a missing or malformed DeepSpeed JSON is bad input
-    device = select_device(cfg, local_rank)
+    local_size = local_size or world_size
+    device = select_device(cfg, local_rank, local_size)
     if (e.kernel_inject or e.cuda_graph) and device.type != "cuda":
         raise UserError("engine.kernel_inject/cuda_graph: DeepSpeed's fused kernels are CUDA-only")
     dtype = select_dtype(cfg, device)
     compile_mode = resolve_compile(cfg, device.type)
     check_schedule(cfg, grid, m)
-    local_size = local_size or world_size
+    if cfg.model.weights == "pretrained":
+        from gptbench.models import check_checkpoint
+
+        check_checkpoint(cfg.model.name)  # after the GPUs: a missing GPU is the first thing to say
     threads = e.threads or max(1, (os.cpu_count() or 1) // local_size)
     return RunPlan(cfg=cfg, grid=grid, run_id=run_id_for(cfg, world_size), device=device,
                    dtype=dtype, micro_batches=m, threads=threads, model_dims=dims,

@@ -75,9 +75,14 @@ def make_grid(strategy: str, world_size: int, tp: int | None, pp: int | None) ->
 
 
 def _need(strategy: str, name: str, degree: int, world_size: int) -> None:
-    if world_size < 2 or degree < 2:
-        raise NotApplicable(f"{strategy} needs {name}>=2 ranks; this run has "
-                            f"world_size={world_size}, {name}={degree}")
+    if world_size < 2 and degree >= 2:
+        raise NotApplicable(f"{name}={degree} needs at least {degree} ranks; "
+                            f"this run has {world_size}")
+    if world_size < 2:
+        raise NotApplicable(f"{strategy} needs {name}>=2, so at least 2 ranks; "
+                            f"this run has {world_size}")
+    if degree < 2:
+        raise NotApplicable(f"{strategy} needs {name}>=2; got {name}={degree}")
 
 
 def _divides(name: str, degree: int, world_size: int) -> None:

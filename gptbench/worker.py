@@ -21,7 +21,7 @@ from gptbench import faults, multinode, parity, progress, results
 from gptbench.compiled import CompileStats
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
-from gptbench.runplan import RunPlan, resolve, run_id_for
+from gptbench.runplan import RunPlan, check_output_dir, resolve, run_id_for
 from gptbench.strategies import REGISTRY
 from gptbench.strategies.base import RankContext
 
@@ -163,6 +163,7 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record = results.skeleton(plan.cfg, plan.grid.world_size, plan.grid, model,
                               envinfo.collect_env(plan.device))
     record["status"] = "ok"
+    record["run_id"] = plan.run_id  # derived when the config names none (a direct launch)
     record["topology"].update(micro_batches=plan.micro_batches,
                               heads_per_tp_rank=info.get("heads_per_tp_rank"),
                               stage_layers=info.get("stage_layers"),
@@ -205,16 +206,43 @@ def compile_metrics(ranks: list[dict], mode: str, reasons: dict) -> dict:
                         "graphs_while_measuring": max(x["graphs_while_measuring"] for x in c)}}
 
 
+def describe(exc: BaseException) -> str:
+    """One line naming the exception. An empty message (StopIteration, a bare assert) says
+    nothing on its own: then the line says where it was raised (innermost frame)."""
+    text = " ".join(str(exc).split())
+    if text:
+        return f"{type(exc).__name__}: {text}"[:500]
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return f"{type(exc).__name__} (no message)"
+    where = frames[-1]
+    return (f"{type(exc).__name__} (no message) raised at {_short_path(where.filename)}:"
+            f"{where.lineno} in {where.name}")
+
+
+def _short_path(path: str) -> str:
+    """deepspeed/runtime/pipe/engine.py rather than the whole site-packages path."""
+    marker = "site-packages" + os.sep
+    if marker in path:
+        return path.split(marker, 1)[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+
+
+def _write_error(cfg: RunConfig, run_id: str, rank: int, detail: dict) -> None:
+    """This rank's error file: the launcher names the failing rank from these files."""
+    results.write_json_atomic(error_path(cfg.output_dir, run_id, rank), {"rank": rank, **detail})
+
+
 def fail(cfg: RunConfig, run_id: str, world: int, rank: int, exc: BaseException) -> None:
     """Record this rank's failure (its own file, and the run record if none exists yet)."""
     status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed"
-    line = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-    detail = {"rank": rank, "status": status, "error": line,
-              "traceback": traceback.format_exc(limit=20)}
+    line = describe(exc)
+    detail = {"status": status, "error": line, "traceback": traceback.format_exc(limit=20)}
     if status == "oom" and torch.cuda.is_available():
         detail["cuda_memory"] = {"allocated_bytes": torch.cuda.memory_allocated(),
                                  "reserved_bytes": torch.cuda.memory_reserved()}
-    results.write_json_atomic(error_path(cfg.output_dir, run_id, rank), detail)
+    _write_error(cfg, run_id, rank, detail)
     path = results.run_path(cfg.output_dir, run_id)
     if not os.path.exists(path):
         results.write_json_atomic(path, results.unfinished(cfg, world, run_id, status,
@@ -238,6 +266,7 @@ def _plans(args, rank: int, world: int, local_rank: int, local_size: int) -> lis
     plans = []
     for sets in _variants(args):
         cfg = load_config(args.config, sets)
+        check_output_dir(cfg.output_dir)
         try:
             plans.append(resolve(cfg, world, local_rank, local_size))
         except NotApplicable as e:
@@ -246,7 +275,22 @@ def _plans(args, rank: int, world: int, local_rank: int, local_size: int) -> lis
                 results.write_json_atomic(results.run_path(cfg.output_dir, run_id),
                                           results.not_applicable(cfg, world, run_id, str(e)))
                 print(f"gptbench: {run_id}: not applicable: {e}", flush=True)
+        except UserError as e:
+            # What this rank found (e.g. too few GPUs on its node) may be seen by no other
+            # rank: every rank leaves its error file, not only rank 0 its message.
+            _write_error(cfg, run_id_for(cfg, world), rank,
+                         {"status": "failed", "error": str(e), "traceback": None})
+            raise
     return plans
+
+
+def teardown() -> None:
+    """Leave no process group behind: C++ threads of a group still alive at interpreter
+    exit can abort a rank that finished its work ("terminate called without an active
+    exception", exit code -6), failing a run that succeeded."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    gc.collect()
 
 
 def main(argv=None) -> int:
@@ -257,8 +301,9 @@ def main(argv=None) -> int:
         faults.parse(os.environ.get(faults.ENV))  # a bad spec is bad input, not a failed run
         plans = _plans(args, rank, world, local_rank, local_size)
     except UserError as e:
-        if rank == 0:
-            print(f"gptbench: error: {e}", file=sys.stderr)
+        if local_rank == 0:  # once per machine: another node may see what rank 0 does not
+            who = "" if rank == 0 else f"rank {rank}: "
+            print(f"gptbench: {who}error: {e}", file=sys.stderr, flush=True)
         return 2
     if not plans:
         return 0
@@ -282,9 +327,9 @@ def main(argv=None) -> int:
                       f"{'ok' if passed else 'see record'} -> "
                       f"{results.run_path(plan.cfg.output_dir, plan.run_id)}", flush=True)
         torch.distributed.barrier()
+        teardown()
         return 0
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then we leave
         fail(plan.cfg, plan.run_id, world, rank, exc)
-        print(f"gptbench: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr,
-              flush=True)
+        print(f"gptbench: rank {rank} failed: {describe(exc)}", file=sys.stderr, flush=True)
         os._exit(3 if isinstance(exc, torch.OutOfMemoryError) else 1)

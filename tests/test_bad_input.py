@@ -105,6 +105,24 @@ CASES = {
                            "--only: no run 'zz'"),
     "compare-unknown-metric": ({}, ["compare", FIXTURE_SUITE, FIXTURE_SUITE, "--fail-on",
                                     "speed_of_light:5"], {}, "speed_of_light"),
+    "not-applicable-run": ({}, ["run", "--config", "tiny.yaml", "--set",
+                                "strategy=tensor_data_hybrid", "--set", "topology.tp=3"], {},
+                           "1r-tp-tp3-pp1: not applicable: tp=3 needs at least 3 ranks; "
+                           "this run has 1"),
+    "output-dir-in-proc": ({}, ["run", "--config", "tiny.yaml", "--set", "output_dir=/proc/x"],
+                           {}, "output_dir: cannot create /proc/x"),
+    "output-dir-under-a-file": ({"f.txt": "x"}, ["run", "--config", "tiny.yaml", "--set",
+                                                 "output_dir=f.txt/out"], {},
+                                "output_dir: cannot create f.txt/out"),
+    "model-folder-missing": ({}, ["run", "--config", "tiny.yaml", "--set", "model.name=/no/such/dir",
+                                  "--set", "model.preset=null"], {},
+                             "model.name: the folder /no/such/dir does not exist"),
+    "pretrained-not-in-offline-cache": ({}, ["run", "--config", "tiny.yaml", "--set",
+                                             "model.name=gpt2-xl", "--set", "model.preset=null",
+                                             "--set", "model.weights=pretrained"],
+                                        {"HF_HOME": "empty-hf-home"},
+                                        "gpt2-xl is not in the Hugging Face cache and "
+                                        "HF_HUB_OFFLINE=1 forbids downloading it"),
     "fault-bad-kind": ({}, ["run", "--config", "tiny.yaml"],
                        {"GPTBENCH_FAULT": "rank=0,at=decode,kind=explode"}, "kind='explode'"),
     "fault-not-key-value": ({}, ["run", "--config", "tiny.yaml"], {"GPTBENCH_FAULT": "crash"},
@@ -117,7 +135,8 @@ CASES = {
                                       {"GPTBENCH_FAULT": "rank=1,at=load,kind=crash"}, "rank=1"),
 }
 # The end-to-end subset: the real command in its own process.
-SUBPROCESS = ("unknown-strategy", "malformed-yaml", "malformed-dataset-line", "fault-bad-kind",
+SUBPROCESS = ("unknown-strategy", "not-applicable-run", "output-dir-in-proc",
+              "pretrained-not-in-offline-cache", "malformed-yaml", "malformed-dataset-line", "fault-bad-kind",
               "suite-duplicate-ids", "tp-over-heads")
 
 

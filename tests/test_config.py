@@ -180,8 +180,9 @@ def test_parity_samples_at_most_batch_size():
                               "parity.samples=2"]).parity.samples == 2
 
 
-def test_parity_tokens_at_most_output_len():
-    assert "parity.tokens" in error_of(None, ["workload.output_len=2", "parity.tokens=3"])
+def test_parity_probe_defaults_to_one_whole_batch():
+    assert load_config(None, []).parity.samples is None
+    assert load_config(None, []).parity.tokens == 8
 
 
 def test_preset_needs_random_weights():

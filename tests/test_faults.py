@@ -74,6 +74,7 @@ def outcomes(tmp_path_factory):
     jobs = {"timeout": ("pure_data_parallel", "rank=1,at=load,kind=hang",
                         ["engine.comm_timeout_s=600", f"timeout_s={TIMEOUT_LIMIT_S}"])}
     jobs.update({f"{k}-{p}": (s, f"rank=1,at={p},kind={k}", []) for s, k, p in CASES})
+    jobs["sigkill"] = ("tensor_data_hybrid", "rank=1,at=decode,kind=sigkill", [])
     # transformers' lazy imports are not thread-safe: take them here, once, in this thread.
     launcher.prepare(CONFIG, COMMON + ["strategy=tp"], ranks=2)
     # The long ones first, so the short ones fill the gaps.
@@ -119,4 +120,20 @@ def test_a_run_past_timeout_s_is_stopped(outcomes):
     assert record["failed_rank"] is None
     assert f"timeout_s={TIMEOUT_LIMIT_S}" in record["error"]
     assert TIMEOUT_LIMIT_S <= o["elapsed"] < TIMEOUT_LIMIT_S + 2 * launcher.GRACE_S + 5
+    assert o["survivors"] == []
+
+
+def test_a_rank_killed_by_a_signal_is_named_with_the_signal(outcomes):
+    """Rank 1 SIGKILLs itself, as the OOM killer would: no error file, no exception; the
+    launcher exits 247 (or its peer, which lost the connection, exits 1 first). The record
+    and the console name the rank, the signal and its peak memory instead of 'no rank
+    reported an error' or 'rank 1 stopped responding'."""
+    o = outcomes["sigkill"]
+    record = o["record"]
+    assert "rank 1: GPTBENCH_FAULT: injecting sigkill at decode" in o["log"]
+    assert record["status"] == "failed" and record["failed_rank"] == 1, record["error"]
+    assert record["error"].startswith("rank 1 was killed by SIGKILL - likely out of host "
+                                      "memory"), record["error"]
+    assert "peak RSS" in record["error"]
+    assert record["rank_peak_rss_bytes"]["per_rank"][1] > 50e6  # a rank imports torch
     assert o["survivors"] == []

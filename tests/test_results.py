@@ -1,6 +1,7 @@
 """Aggregation rules of the run record, on hand-made per-rank measurements."""
 import json
 import os
+import stat
 
 import pytest
 
@@ -271,3 +272,21 @@ def test_the_record_module_depends_on_no_reader():
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert imported <= {"__future__", "datetime", "json", "math", "os", "tempfile", "pathlib",
                         "gptbench.errors", "gptbench.stats"}, imported
+
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path, umask):
+    """mkstemp creates 0600 files: records and reports would be private to their writer."""
+    previous = os.umask(umask)
+    try:
+        results.write_json_atomic(str(tmp_path / "record.json"), {"a": 1})
+        results.write_atomic(str(tmp_path / "report.html"), b"<html></html>")
+        with open(tmp_path / "plain.txt", "w", encoding="utf-8") as f:
+            f.write("x")
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
+    assert expected == 0o666 & ~umask
+    for name in ("record.json", "report.html"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == expected, name

@@ -126,3 +126,55 @@ def test_bad_deepspeed_json_is_bad_input(tmp_path, content, message):
         path.write_text(content, encoding="utf-8")
     with pytest.raises(UserError, match=f"engine.deepspeed_config: .*{message}"):
         resolve(cfg(engine__deepspeed_config=str(path)), 1)
+
+
+@pytest.mark.parametrize("over, ranks, run_id", [
+    (dict(strategy="tp", topology__tp=3), 1, "1r-tp-tp3-pp1"),
+    (dict(strategy="pp", topology__pp=4), 1, "1r-pp-tp1-pp4"),
+    (dict(strategy="full"), 2, "2r-full-tp2-pp2"),
+])
+def test_a_grid_that_cannot_be_formed_is_named_by_its_own_degrees(over, ranks, run_id):
+    """No pipeline degree in a tensor run's name, no tensor degree in a pipeline's."""
+    from gptbench.runplan import run_id_for
+
+    assert run_id_for(cfg(**over), ranks) == run_id
+
+
+@pytest.mark.parametrize("over, ranks, samples, tokens", [
+    (dict(strategy="pp", topology__pp=4, workload__output_len=8), 4, 4, 8),  # m=4: whole batch
+    (dict(strategy="pp", topology__micro_batches=4), 2, 4, 4),             # tokens capped
+    (dict(strategy="tp", parity__samples=2, parity__tokens=3), 2, 2, 3),
+])
+def test_parity_probe_is_a_whole_batch_by_default_and_tokens_are_capped(over, ranks, samples,
+                                                                        tokens):
+    plan = resolve(cfg(**over), ranks)
+    assert (plan.cfg.parity.samples, plan.cfg.parity.tokens) == (samples, tokens)
+    assert plan.cfg.parity.samples % plan.micro_batches == 0
+
+
+def test_an_explicit_probe_must_split_into_the_micro_batches():
+    with pytest.raises(UserError, match=r"parity.samples=2 does not split into "
+                                        r"topology.micro_batches=4"):
+        resolve(cfg(strategy="pp", topology__micro_batches=4, parity__samples=2), 2)
+
+
+def test_too_few_gpus_are_refused_with_cuda_visible_devices_set_or_not(monkeypatch):
+    from gptbench.runplan import check_gpu_count
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(UserError, match=re.escape(
+            "engine.device: cuda requested for 4 rank(s) on this machine, one GPU each, but "
+            "torch sees 1 GPU(s) (CUDA_VISIBLE_DEVICES=unset)")):
+        check_gpu_count(4, 1)
+    check_gpu_count(2, 2)
+    check_gpu_count(1, 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(UserError, match=re.escape("CUDA_VISIBLE_DEVICES='3'")):
+        check_gpu_count(2, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_every_rank_of_a_gpu_run_is_counted_up_front():
+    """Local rank 0 alone would find its GPU; the run as a whole is refused."""
+    with pytest.raises(UserError, match=re.escape("cuda requested for 4 rank(s)")):
+        resolve(cfg(engine__device="cuda", strategy="tp"), 4)

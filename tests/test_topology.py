@@ -49,7 +49,15 @@ def test_full_model_parallel_defaults_to_tp2_pp2(world, dp):
 def test_one_rank_cannot_shard(strategy):
     with pytest.raises(NotApplicable) as e:
         make_grid(strategy, 1, None, None)
-    assert strategy in str(e.value) and "world_size=1" in str(e.value)
+    assert strategy in str(e.value) and "at least 2 ranks; this run has 1" in str(e.value)
+
+
+@pytest.mark.parametrize("strategy, tp, pp, name, degree", [
+    ("tensor_data_hybrid", 3, None, "tp", 3), ("pipeline_data_hybrid", None, 4, "pp", 4)])
+def test_a_degree_beyond_one_rank_names_the_ranks_it_needs(strategy, tp, pp, name, degree):
+    with pytest.raises(NotApplicable) as e:
+        make_grid(strategy, 1, tp, pp)
+    assert str(e.value) == f"{name}={degree} needs at least {degree} ranks; this run has 1"
 
 
 @pytest.mark.parametrize("world", [1, 2])

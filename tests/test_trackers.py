@@ -105,6 +105,34 @@ def test_gpu_util_without_driver_is_none_with_reason():
     assert sampler.sample_count == 0
 
 
+def test_a_cpu_run_samples_no_gpu_and_says_why(monkeypatch):
+    """A CPU run on a machine with GPUs must not report GPU 0's utilisation: NVML is never
+    asked (its init fails the test), and the reason names the run's device."""
+    import pynvml
+
+    from gptbench import measure
+    from gptbench.trackers import gpu_util
+
+    def forbidden(*args):
+        raise AssertionError("NVML was asked about a GPU this run does not use")
+
+    monkeypatch.setattr(pynvml, "nvmlInit", forbidden)
+    sampler = gpu_util.sampler_for(torch.device("cpu"))
+    with sampler:
+        time.sleep(0.01)
+    assert sampler.result() == (None, "this run uses no GPU (device: cpu)")
+    assert measure.sampler_for is gpu_util.sampler_for  # the sampler the runs use
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or nvml_gpu_count() == 0,
+                    reason="needs a CUDA GPU and NVML")
+def test_the_sampler_of_a_gpu_run_watches_its_own_device():
+    from gptbench.trackers import gpu_util
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    assert gpu_util.sampler_for(device).device_index == device.index
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or nvml_gpu_count() == 0,
                     reason="needs a CUDA GPU and NVML")
 def test_gpu_util_of_a_busy_gpu_is_high():

@@ -93,12 +93,24 @@ def no_nvml_reason(error: pynvml.NVMLError) -> str:
     return f"NVML failed: {error}"
 
 
-class GpuUtilSampler:
-    """`start()` ... `stop()` (or `with`), then `result()` -> (mean %, None) or (None, reason)."""
+def sampler_for(device) -> "GpuUtilSampler":
+    """The sampler of the one GPU this rank runs on; a CPU run samples no GPU at all (a
+    machine's GPU 0 says nothing about a run that does not use it)."""
+    if device.type != "cuda":
+        return GpuUtilSampler(None, no_gpu_reason=f"this run uses no GPU (device: {device.type})")
+    return GpuUtilSampler(device.index or 0)
 
-    def __init__(self, device_index: int, interval_s: float = 0.1):
+
+class GpuUtilSampler:
+    """`start()` ... `stop()` (or `with`), then `result()` -> (mean %, None) or (None, reason).
+
+    `device_index=None` samples nothing: `result()` gives `no_gpu_reason`."""
+
+    def __init__(self, device_index: int | None, interval_s: float = 0.1,
+                 no_gpu_reason: str | None = None):
         self.device_index = device_index
         self.interval_s = interval_s
+        self.no_gpu_reason = no_gpu_reason or "no GPU to sample"
         self.samples_pct: list[int] = []
         self.reason: str | None = None
         self._handle = None
@@ -112,6 +124,9 @@ class GpuUtilSampler:
     def start(self) -> None:
         self.samples_pct.clear()
         self.reason = None
+        if self.device_index is None:
+            self.reason = self.no_gpu_reason
+            return
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as error:
