@@ -1,17 +1,22 @@
-"""One rank's measurements: parity probe, timed iterations, then one profiled batch.
+"""One rank's measurements: parity probe, timed iterations, then one profiled batch; and
+the record's model-side figures (time breakdown, roofline, model memory, predicted TPOT).
 
-Communication is timed on a separate profiled batch after the timed iterations: its
-wrappers synchronise the device around every collective, which would perturb the timed
-numbers on a GPU. The pipeline's per-stage busy time is taken on that same batch.
+The time breakdown is taken on a separate profiled batch after the timed iterations: its
+tracker synchronises the device around every collective, which would perturb the timed
+numbers on a GPU. After it, the latency of each kind of collective the run makes is
+probed on the run's own groups (trackers/latency.py), for the predicted TPOT.
+The pipeline's per-stage busy time (PipeState.profile / busy_s) is taken on that same batch.
 """
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 
 import torch
 
-from gptbench import parity, runner
+from gptbench import parity, runner, sharding
+from gptbench.trackers import breakdown, latency
 from gptbench.trackers.comm import CommTracker
 from gptbench.trackers.gpu_util import GpuUtilSampler
 from gptbench.trackers.memory import MemoryTracker
@@ -20,6 +25,25 @@ from gptbench.trackers.timing import synchronize
 
 def _barrier():
     torch.distributed.barrier()
+
+
+def schedule_of(cfg, pp: int) -> str:
+    """The pipeline schedule a run uses (topology.pipeline_schedule; flush where the
+    config has none); "none" without a pipeline."""
+    if pp <= 1:
+        return "none"
+    return getattr(cfg.topology, "pipeline_schedule", None) or "flush"
+
+
+def run_layout(plan) -> sharding.Layout:
+    """The sharding model of this run (one replica)."""
+    from gptbench.roofline import DTYPE_BYTES, ModelDims
+
+    w, g = plan.cfg.workload, plan.grid
+    dtype = str(plan.dtype).replace("torch.", "")
+    return sharding.layout(ModelDims.of(plan.model_dims), g.dp, g.tp, g.pp, plan.micro_batches,
+                           w.batch_size, w.input_len, w.output_len, DTYPE_BYTES[dtype],
+                           schedule_of(plan.cfg, g.pp), plan.cfg.topology.partition_method)
 
 
 def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) -> dict:
@@ -64,44 +88,184 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             # than the one timed). So such a batch runs eagerly, and is labelled so.
             eager = plan.compile_mode != "off" and plan.grid.tp > 1
             with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
-                out.update(_profile(gen, batches[0], cfg.workload.output_len, device, info))
+                out["profile"] = _profile(gen, batches[0], cfg.workload.output_len, device, info)
             out["profile_eager"] = eager
+            out["profile"]["schedule"] = schedule_of(cfg, plan.grid.pp)
+            out["profile"]["latency_s"] = probe_latencies(run_layout(plan), plan.grid, device)
     return out
 
 
 def _profile(gen, ids, output_len: int, device, info: dict) -> dict:
+    """One batch with every torch.distributed call logged (trackers/comm.py)."""
     state = info.get("pipe_state")
     _barrier()
+    clock_ref_s = time.perf_counter()  # just after the barrier: aligns hosts' clocks
     if state is not None:
         state.busy_s, state.profile = 0.0, True
-    with CommTracker(device) as comm:
-        synchronize(device)
-        start = time.perf_counter()
-        runner.generate_batch(gen, ids, output_len)
-        synchronize(device)
-        wall_s = time.perf_counter() - start
+    readings: list[float] = []
+
+    def clock() -> float:  # generate_batch reads: start, after prefill, after each step
+        readings.append(time.perf_counter())
+        return readings[-1]
+
+    with CommTracker(device, log_calls=True) as comm:
+        runner.generate_batch(gen, ids, output_len, clock=clock, sync=lambda: synchronize(device))
     if state is not None:
         state.profile = False
-    return {"comm_s": comm.seconds_total, "comm_by_op": {k: vars(v) for k, v in comm.by_op.items()},
-            "profile_wall_s": wall_s, "busy_s": state.busy_s if state is not None else None}
+    return {"host": socket.gethostname(), "clock_ref_s": clock_ref_s, "marks_s": readings,
+            "output_len": output_len, "calls": [c.as_list() for c in comm.log],
+            "comm_by_op": {k: vars(v) for k, v in comm.by_op.items()},
+            "busy_s": state.busy_s if state is not None else None}
 
 
-def roofline(plan, model: dict, metrics: dict, env: dict):
+def _probe_keys(lay: sharding.Layout) -> list[tuple[str, int]]:
+    """(op, bytes) to probe: each kind of collective the run makes, at its smallest and
+    largest message (latency is interpolated between)."""
+    sizes: dict[str, set] = {}
+    for c in lay.collectives():
+        sizes.setdefault(c.op, set()).add(c.nbytes)
+    return [(op, n) for op in sorted(sizes) for n in sorted({min(sizes[op]), max(sizes[op])})]
+
+
+def probe_latencies(lay: sharding.Layout, grid, device) -> dict:
+    """This rank's median seconds per probe, keyed "op:bytes" (None where it took no
+    part). Every rank runs the same probes in the same order (they are collective)."""
+    made: dict = {}
+    out = {}
+    world = [list(range(grid.world_size))]
+    for op, nbytes in _probe_keys(lay):
+        if op == "p2p":
+            pairs = [(grid.rank(0, d, t), grid.rank(1, d, t))
+                     for d in range(grid.dp) for t in range(grid.tp)]
+            value = latency.probe_p2p(pairs, nbytes, device)
+        else:
+            groups = {"all_reduce": grid.tp_groups(), "broadcast": grid.pp_groups(),
+                      "barrier": world}[op]
+            value = latency.probe_group_op(op, groups, nbytes, device, made=made)
+        out[f"{op}:{nbytes}"] = value
+    return out
+
+
+def _latency_entries(lay: sharding.Layout, ranks: list[dict]) -> list[dict]:
+    sizes = {"all_reduce": (lay.tp, lay.dp * lay.pp), "broadcast": (lay.pp, lay.dp * lay.tp),
+             "barrier": (lay.dp * lay.tp * lay.pp, 1), "p2p": (2, lay.dp * lay.tp)}
+    out = []
+    for key in ranks[0]["profile"]["latency_s"]:
+        op, nbytes = key.split(":")
+        group_size, concurrent = sizes[op]
+        out.append(latency.entry(op, group_size, concurrent, int(nbytes),
+                                 [r["profile"]["latency_s"].get(key) for r in ranks],
+                                 latency.DEFAULT_ITERATIONS))
+    return [e for e in out if e]
+
+
+def _profiles(ranks: list[dict]) -> dict[int, dict] | None:
+    profiles = {r["rank"]: r.get("profile") for r in ranks}
+    return profiles if all(profiles.values()) else None
+
+
+def profile_metrics(ranks: list[dict], grid, micro_batches: int, reasons: dict) -> dict:
+    """`time_breakdown`, `comm_fraction(_per_rank)` and `bubble_fraction` of the record
+    (results.aggregate_metrics calls this); null with a reason when not profiled."""
+    from gptbench.roofline import bubble_theory
+
+    out = dict.fromkeys(("time_breakdown", "comm_fraction", "comm_fraction_per_rank",
+                         "bubble_fraction"))
+    profiles = _profiles(ranks)
+    if profiles is None:
+        for key in out:
+            reasons[f"metrics.{key}"] = "communication profiling is off (engine.profile_comm)"
+        return out
+    block, _ = breakdown.time_breakdown(profiles)
+    out["time_breakdown"] = block
+    out["comm_fraction"] = block["communication"]
+    out["comm_fraction_per_rank"] = [f["communication"] for f in block["per_rank"]]
+    if grid.pp == 1:
+        reasons["metrics.bubble_fraction"] = "no pipeline (pp=1)"
+        return out
+    first = profiles[min(profiles)]
+    schedule = first.get("schedule") or "flush"
+    by_stage = [[f["waiting"] for r, f in zip(sorted(profiles), block["per_rank"])
+                 if grid.coords(r)[0] == s] for s in range(grid.pp)]
+    busy = [profiles[r]["busy_s"] / (profiles[r]["marks_s"][-1] - profiles[r]["marks_s"][0])
+            if profiles[r].get("busy_s") is not None else None for r in sorted(profiles)]
+    out["bubble_fraction"] = {
+        "measured": block["waiting"],
+        "theory": bubble_theory(grid.pp, micro_batches, schedule, first["output_len"]),
+        "schedule": schedule,
+        "waiting_per_stage": [sum(w) / len(w) for w in by_stage],
+        "stage_busy_fraction": busy,
+        "source": "waiting share of the pipeline's ranks on the profiled batch "
+                  "(metrics.time_breakdown); stage_busy_fraction: time inside the stage's "
+                  "layers (PipeState), which includes tensor all-reduces inside blocks",
+    }
+    return out
+
+
+def model_metrics(plan, ranks: list[dict], metrics: dict, env: dict, reasons: dict) -> None:
+    """Fill `roofline`, `model_memory_bytes` and `predicted` in `metrics` (the worker
+    calls this once the per-rank metrics are aggregated)."""
+    lay = run_layout(plan)
+    metrics["model_memory_bytes"] = lay.memory()
+    block, reason = roofline(plan, lay, metrics, env)
+    metrics["roofline"] = block
+    if reason:
+        reasons["metrics.roofline.fraction_of_peak"] = reason
+    metrics["predicted"], why = predicted(lay, plan.grid, ranks, metrics)
+    if why:
+        reasons["metrics.predicted"] = why
+
+
+def roofline(plan, lay: sharding.Layout, metrics: dict, env: dict):
     """The record's `metrics.roofline` block and, where a figure is null, why."""
     from gptbench import roofline as rl
-    from gptbench.plan import rank_fractions
 
-    w, g = plan.cfg.workload, plan.grid
-    workload = {"dtype": str(plan.dtype).replace("torch.", ""), "batch_size": w.batch_size,
-                "input_len": w.input_len, "output_len": w.output_len}
     device_name = env.get("device_name") if env.get("device") == "cuda" else None
-    dims = rl.ModelDims.of(model)
-    # The fullest rank: embeddings stay whole under AutoTP and heads split unevenly.
-    weight_share, kv_share = rank_fractions(dims, g.tp, g.pp, plan.cfg.topology.partition_method)
-    block = rl.roofline_block(model, workload, device_name, metrics["tpot_ms"]["p50"],
-                              weight_share, per_rank_kv_fraction=kv_share, dp=g.dp, pp=g.pp,
-                              micro_batches=plan.micro_batches)
+    block = rl.roofline_block(lay, device_name, metrics["tpot_ms"]["p50"])
     reason = block.pop("reason", None)
     if device_name is None:
         reason = f"{env.get('device_name') or 'this CPU'}: no known peak memory bandwidth"
     return block, reason
+
+
+def stage_compute_s(ranks: list[dict], grid, phases: list[dict]) -> list[float]:
+    """Per pipeline stage, the compute (time outside collectives) of the median decode step
+    of the replica batch: its slowest tensor rank, mean over data-parallel replicas."""
+    per_rank = {r["rank"]: p["decode_step_median"]["compute_s"]
+                for r, p in zip(sorted(ranks, key=lambda r: r["rank"]), phases)}
+    out = []
+    for s in range(grid.pp):
+        replicas = [max(per_rank[grid.rank(s, d, t)] for t in range(grid.tp))
+                    for d in range(grid.dp)]
+        out.append(sum(replicas) / len(replicas))
+    return out
+
+
+def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict):
+    """(`metrics.predicted`, None) or (None, why)."""
+    from gptbench import roofline as rl
+
+    profiles = _profiles(ranks)
+    if profiles is None:
+        return None, "needs the profiled batch (engine.profile_comm)"
+    if lay.output_len < 2:
+        return None, "needs at least one decode step (output_len >= 2)"
+    _, phases = breakdown.time_breakdown(profiles)
+    compute = stage_compute_s(ranks, grid, phases)
+    entries = _latency_entries(lay, sorted(ranks, key=lambda r: r["rank"]))
+    table = latency.LatencyTable(entries)
+    out = rl.predict_tpot(
+        lay, compute, table.lookup_us,
+        compute_source=("measured on this run's profiled batch: time outside collectives "
+                        "in its median decode step (a stage's slowest tensor rank, mean over "
+                        "replicas), "
+                        "taken as given, whatever the engine (eager or compiled)"),
+        latency_source=("probed after the profiled batch on this run's own groups "
+                        "(trackers/latency.py, as gptbench diagnose --comm): barrier, then "
+                        "the operation, median of 20"))
+    out["latencies"] = entries
+    out["bytes_per_decode_step"] = lay.stage_step_bytes()
+    measured = (metrics.get("tpot_ms") or {}).get("p50")
+    out["measured_tpot_ms_p50"] = measured
+    out["measured_over_predicted"] = measured / out["tpot_ms"] if measured and out["tpot_ms"] else None
+    return out, None

@@ -124,9 +124,6 @@ def aggregate_metrics(ranks: list[dict], grid, micro_batches: int) -> tuple[dict
                               "kind": ranks[0]["memory_kind"]},
         "peak_reserved_bytes": None,
         "gpu_utilization_pct": None,
-        "comm_fraction": None,
-        "comm_fraction_per_rank": None,
-        "bubble_fraction": None,
         "roofline": None,
     }
     if n_iter < 2:
@@ -142,23 +139,8 @@ def aggregate_metrics(ranks: list[dict], grid, micro_batches: int) -> tuple[dict
     else:
         reasons["metrics.gpu_utilization_pct"] = next(
             r["gpu_util_reason"] for r in ranks if r["gpu_util_pct"] is None)
-    profiled = [r for r in ranks if r.get("profile_wall_s")]
-    if len(profiled) == len(ranks):
-        fractions = [r["comm_s"] / r["profile_wall_s"] for r in ranks]
-        metrics["comm_fraction"] = sum(fractions) / len(fractions)
-        metrics["comm_fraction_per_rank"] = fractions
-        if grid.pp > 1:
-            busy = [r["busy_s"] / r["profile_wall_s"] for r in ranks]
-            metrics["bubble_fraction"] = {
-                "measured": 1 - sum(busy) / len(busy),
-                "theory": (grid.pp - 1) / (micro_batches + grid.pp - 1),
-                "stage_busy_fraction": busy,
-            }
-        else:
-            reasons["metrics.bubble_fraction"] = "no pipeline (pp=1)"
-    else:
-        reasons["metrics.comm_fraction"] = "communication profiling is off (engine.profile_comm)"
-        reasons["metrics.bubble_fraction"] = "communication profiling is off (engine.profile_comm)"
+    from gptbench import measure  # time breakdown, bubble: the model side's aggregation
+    metrics.update(measure.profile_metrics(ranks, grid, micro_batches, reasons))
     return metrics, reasons
 
 

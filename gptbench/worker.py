@@ -167,9 +167,7 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["engine"]["compile"] = plan.compile_mode
     record["topology"]["pipeline_schedule"] = info.get("pipeline_schedule")
     metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
-    metrics["roofline"], roof_reason = measure.roofline(plan, model, metrics, record["env"])
-    if roof_reason:
-        reasons["metrics.roofline.fraction_of_peak"] = roof_reason
+    measure.model_metrics(plan, ranks, metrics, record["env"], reasons)
     metrics.update(compile_metrics(ranks, plan.compile_mode, reasons))
     record["metrics"], record["null_reasons"] = metrics, reasons
     record["parity"] = results.aggregate_parity(ranks)
