@@ -145,23 +145,9 @@ def aggregate_metrics(ranks: list[dict], grid, micro_batches: int) -> tuple[dict
 
 
 def aggregate_parity(ranks: list[dict]) -> dict | None:
-    """Every rank checks its tokens; logits exist where the rank computes them."""
-    checks = [r["parity"] for r in ranks if r.get("parity")]
-    if not checks:
-        return None
-    diffs = [c["max_abs_logit_diff"] for c in checks if c["max_abs_logit_diff"] is not None]
-    return {
-        "reference": checks[0]["reference"],
-        "tokens_match": all(c["tokens_match"] for c in checks),
-        "token_match_rate": sum(c["token_match_rate"] for c in checks) / len(checks),
-        "max_abs_logit_diff": max(diffs) if diffs else None,
-        "tolerance": checks[0]["tolerance"],
-        "passed": all(c["passed"] for c in checks),
-        "samples": sum(r["parity"]["samples"] for r in ranks if r["is_output"] and r["parity"]),
-        "tokens": checks[0]["tokens"],
-        "ranks_checked": len(checks),
-        "ranks_tokens_match": [c["tokens_match"] for c in checks],
-    }
+    """Every rank checks its tokens; only ranks that hold logits count (parity.aggregate)."""
+    from gptbench import parity
+    return parity.aggregate(ranks)
 
 
 def comparable_baseline(record: dict, candidates: list[dict]) -> dict | None:

@@ -21,7 +21,7 @@ in `unmatched_calls`.
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 PHASES = ("prefill", "decode")
 
@@ -55,7 +55,7 @@ def _participants(key: tuple, rank: int) -> list[int]:
 
 
 def split_calls(logs: dict[int, list], offsets_s: dict[int, float] | None = None) -> dict:
-    """rank -> [(start_s, waiting_s, communication_s)] of every call it was blocked in,
+    """rank -> [(start_s, waiting_s, communication_s, op)] of every call it was blocked in,
     plus `unmatched` counts: {"calls": ..., "unmatched": {rank: n}}."""
     offsets_s = offsets_s or {}
     index = _index(logs)
@@ -86,7 +86,7 @@ def split_calls(logs: dict[int, list], offsets_s: dict[int, float] | None = None
                     ready = max(ready, logs[peer][positions[k]][4] - offsets_s.get(peer, 0.0))
             waiting = min(blocked, max(0.0, ready - start)) if found else 0.0
             missing += not found
-            spans.append((start, waiting, blocked - waiting))
+            spans.append((start, waiting, blocked - waiting, call[0]))
         out[rank], unmatched[rank] = spans, missing
     return {"calls": out, "unmatched": unmatched}
 
@@ -112,27 +112,34 @@ def rank_times(profile: dict, spans: list[tuple]) -> dict:
         communication = sum(sp[2] for sp in inside)
         wall = max(0.0, hi - lo)
         return {"wall_s": wall, "waiting_s": waiting, "communication_s": communication,
-                "compute_s": max(0.0, wall - waiting - communication)}
+                "compute_s": max(0.0, wall - waiting - communication),
+                "calls": Counter(sp[3] for sp in inside)}
 
     steps = [part(lo, hi, i == len(marks) - 2)
              for i, (lo, hi) in enumerate(zip(marks, marks[1:]))]
     decode = steps[1:]
-    total = {k: sum(st[k] for st in decode) for k in steps[0]}
-    median = {k: statistics.median(st[k] for st in decode) if decode else None
-              for k in steps[0]}
-    return {"prefill": steps[0], "decode": total, "decode_step_median": median}
+    seconds = [k for k in steps[0] if k.endswith("_s")]
+    total = {k: sum(st[k] for st in decode) for k in seconds}
+    median = {k: statistics.median(st[k] for st in decode) if decode else None for k in seconds}
+    calls = Counter()
+    for st in decode:
+        calls.update(st["calls"])
+    return {"prefill": steps[0], "decode": total, "decode_step_median": median,
+            "decode_step_calls": {op: n / len(decode) for op, n in sorted(calls.items())}
+            if decode else None}
 
 
 def time_breakdown(profiles: dict[int, dict]) -> tuple[dict, list[dict]]:
     """The record's `metrics.time_breakdown` from every rank's profile (rank -> dict with
     marks_s, calls, host, clock_ref_s), and per rank (in rank order) the seconds of each
-    phase (`rank_times`). per_rank[i].decode_step_ms: the median decode step's parts."""
+    phase (`rank_times`). per_rank[i].decode_step_ms: the median decode step's parts;
+    decode_step_calls: torch.distributed calls per decode step, by operation."""
     offsets, clock_note = clock_offsets(profiles)
     # Profiles' own times are on each rank's clock; only call matching needs alignment.
     split = split_calls({r: p["calls"] for r, p in profiles.items()}, offsets)
     per_rank, phases = [], []
     for rank in sorted(profiles):
-        local = [(s + offsets.get(rank, 0.0), w, c) for s, w, c in split["calls"][rank]]
+        local = [(s + offsets.get(rank, 0.0), w, c, op) for s, w, c, op in split["calls"][rank]]
         times = rank_times(profiles[rank], local)
         phases.append(times)
         whole = [times["prefill"], times["decode"]]
@@ -141,7 +148,7 @@ def time_breakdown(profiles: dict[int, dict]) -> tuple[dict, list[dict]]:
         communication = sum(t["communication_s"] for t in whole)
         if wall <= 0:
             per_rank.append({"compute": None, "communication": None, "waiting": None,
-                             "decode_step_ms": None})
+                             "decode_step_ms": None, "decode_step_calls": None})
             continue
         fractions = {"communication": min(1.0, communication / wall),
                      "waiting": min(1.0, waiting / wall)}
@@ -150,7 +157,8 @@ def time_breakdown(profiles: dict[int, dict]) -> tuple[dict, list[dict]]:
         per_rank.append({**{k: fractions[k] for k in ("compute", "communication", "waiting")},
                          "decode_step_ms": None if step["wall_s"] is None else {
                              k: step[f"{k}_s"] * 1e3
-                             for k in ("wall", "compute", "communication", "waiting")}})
+                             for k in ("wall", "compute", "communication", "waiting")},
+                         "decode_step_calls": times["decode_step_calls"]})
     known = [f for f in per_rank if f["compute"] is not None]
     mean = {k: (sum(f[k] for f in known) / len(known) if known else None)
             for k in ("compute", "communication", "waiting")}
