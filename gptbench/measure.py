@@ -211,7 +211,8 @@ def model_metrics(plan, ranks: list[dict], metrics: dict, env: dict, reasons: di
     metrics["roofline"] = block
     if reason:
         reasons["metrics.roofline.fraction_of_peak"] = reason
-    metrics["predicted"], why = predicted(lay, plan.grid, ranks, metrics)
+    device_name = env.get("device_name") if env.get("device") == "cuda" else None
+    metrics["predicted"], why = predicted(lay, plan.grid, ranks, metrics, device_name)
     if why:
         reasons["metrics.predicted"] = why
 
@@ -241,30 +242,40 @@ def stage_compute_s(ranks: list[dict], grid, phases: list[dict]) -> list[float]:
     return out
 
 
-def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict):
+def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
+              device_name: str | None = None):
     """(`metrics.predicted`, None) or (None, why)."""
     from gptbench import roofline as rl
 
     profiles = _profiles(ranks)
     if profiles is None:
         return None, "needs the profiled batch (engine.profile_comm)"
-    if lay.output_len < 2:
-        return None, "needs at least one decode step (output_len >= 2)"
-    _, phases = breakdown.time_breakdown(profiles)
+    block, phases = breakdown.time_breakdown(profiles)
+    if any(p["decode_step_median"]["compute_s"] is None for p in phases):
+        return None, "the profiled batch has no decode step (output_len >= 2 needed)"
     compute = stage_compute_s(ranks, grid, phases)
     entries = _latency_entries(lay, sorted(ranks, key=lambda r: r["rank"]))
-    table = latency.LatencyTable(entries)
+    lookup = latency.LatencyTable(entries).lookup_us
+    latency_source = ("probed after the profiled batch on this run's own groups "
+                      "(trackers/latency.py, as gptbench diagnose --comm): barrier, then "
+                      "the operation, median of 20")
+    seen = sum(sum((f["decode_step_calls"] or {}).values()) for f in block["per_rank"])
+    if lay.collectives() and not seen:
+        # e.g. collectives replayed inside CUDA graphs: their time is in the compute term
+        lookup = lambda *a: 0.0  # noqa: E731
+        latency_source = ("none added: the profiled batch saw no collective (inside CUDA "
+                          "graphs?), so the measured compute already holds them")
     out = rl.predict_tpot(
-        lay, compute, table.lookup_us,
+        lay, compute, lookup,
         compute_source=("measured on this run's profiled batch: time outside collectives "
                         "in its median decode step (a stage's slowest tensor rank, mean over "
-                        "replicas), "
-                        "taken as given, whatever the engine (eager or compiled)"),
-        latency_source=("probed after the profiled batch on this run's own groups "
-                        "(trackers/latency.py, as gptbench diagnose --comm): barrier, then "
-                        "the operation, median of 20"))
+                        "replicas), taken as given, whatever the engine (eager or compiled)"),
+        latency_source=latency_source)
     out["latencies"] = entries
     out["bytes_per_decode_step"] = lay.stage_step_bytes()
+    device = rl.match_device(device_name) if device_name else None
+    out["device_bandwidth_gbps"] = device.memory_bandwidth_bytes_per_s / 1e9 if device else None
+    out["bandwidth_bound_tpot_ms"] = rl.layout_bound_s(device, lay) * 1e3 if device else None
     measured = (metrics.get("tpot_ms") or {}).get("p50")
     out["measured_tpot_ms_p50"] = measured
     out["measured_over_predicted"] = measured / out["tpot_ms"] if measured and out["tpot_ms"] else None

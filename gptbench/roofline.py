@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gptbench.errors import UserError
-from gptbench.sharding import Layout, mean_decode_context
+from gptbench.sharding import Layout
 
 GiB = 2 ** 30
 

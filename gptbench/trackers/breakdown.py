@@ -27,7 +27,7 @@ PHASES = ("prefill", "decode")
 
 
 def _key(call: list) -> tuple | None:
-    op, kind, group = call[0], call[1], tuple(call[2])
+    kind, group = call[1], tuple(call[2])
     if kind == "collective":
         return ("collective", group)
     if None in group:
