@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import statistics
 import time
 
 import torch
@@ -90,9 +91,43 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
                 out["profile"] = _profile(gen, batches[0], cfg.workload.output_len, device, info)
             out["profile_eager"] = eager
+            if eager:  # the compiled program's own step time, for the predicted TPOT
+                _barrier()
+                out["profile"]["compiled_marks_s"], _ = batch_marks(
+                    gen, batches[0], cfg.workload.output_len, device)
             out["profile"]["schedule"] = schedule_of(cfg, plan.grid.pp)
             out["profile"]["latency_s"] = probe_latencies(run_layout(plan), plan.grid, device)
     return out
+
+
+def batch_marks(gen, ids, output_len: int, device) -> tuple[list[float], int]:
+    """Run one batch; return (marks, decode steps): the batch's start, the end of the
+    prefill (the start of the decode), then the end of each decode step, or only the
+    batch's end where the generator runs its own loop (`generate_timed`: the in-flight
+    pipeline, where micro-batches are at different steps; Hugging Face `generate`)."""
+    readings: list[float] = []
+    decode_hooks: list[float] = []
+
+    def clock() -> float:  # generate_batch reads: start, after prefill, after each step
+        readings.append(time.perf_counter())
+        return readings[-1]
+
+    def hook(point: str) -> None:  # the in-flight schedule calls "decode" once, at step 1
+        if point == "decode":
+            decode_hooks.append(time.perf_counter())
+
+    _, _, timing = runner.generate_batch(gen, ids, output_len, clock=clock,
+                                         sync=lambda: synchronize(device), hook=hook)
+    if not hasattr(gen, "generate_timed"):
+        return readings, output_len - 1
+    start, end = readings[0], readings[-1]
+    if decode_hooks:
+        decode_start = decode_hooks[0]
+    elif timing.ttft_s < timing.e2e_s:
+        decode_start = start + timing.ttft_s
+    else:
+        decode_start = end
+    return [start, decode_start, end], output_len - 1
 
 
 def _profile(gen, ids, output_len: int, device, info: dict) -> dict:
@@ -102,18 +137,13 @@ def _profile(gen, ids, output_len: int, device, info: dict) -> dict:
     clock_ref_s = time.perf_counter()  # just after the barrier: aligns hosts' clocks
     if state is not None:
         state.busy_s, state.profile = 0.0, True
-    readings: list[float] = []
-
-    def clock() -> float:  # generate_batch reads: start, after prefill, after each step
-        readings.append(time.perf_counter())
-        return readings[-1]
-
     with CommTracker(device, log_calls=True) as comm:
-        runner.generate_batch(gen, ids, output_len, clock=clock, sync=lambda: synchronize(device))
+        marks, steps = batch_marks(gen, ids, output_len, device)
     if state is not None:
         state.profile = False
-    return {"host": socket.gethostname(), "clock_ref_s": clock_ref_s, "marks_s": readings,
-            "output_len": output_len, "calls": [c.as_list() for c in comm.log],
+    return {"host": socket.gethostname(), "clock_ref_s": clock_ref_s, "marks_s": marks,
+            "decode_steps": steps, "output_len": output_len,
+            "calls": [c.as_list() for c in comm.log],
             "comm_by_op": {k: vars(v) for k, v in comm.by_op.items()},
             "busy_s": state.busy_s if state is not None else None}
 
@@ -229,11 +259,26 @@ def roofline(plan, lay: sharding.Layout, metrics: dict, env: dict):
     return block, reason
 
 
+def rank_step_compute_s(profile: dict, phase: dict) -> float:
+    """A rank's compute in its median decode step. Where the profiled batch ran eagerly
+    (a compiled tensor-parallel row: tracked collectives would split its graphs), the
+    compiled program's own step time (a second, untracked batch) less the eager step's time
+    in collectives."""
+    median = phase["decode_step_median"]
+    marks = profile.get("compiled_marks_s")
+    if not marks:
+        return median["compute_s"]
+    steps = [b - a for a, b in zip(marks[1:], marks[2:])]
+    per_step = statistics.median(steps) if len(steps) == profile["decode_steps"] else (
+        (marks[-1] - marks[1]) / profile["decode_steps"])
+    return max(0.0, per_step - median["communication_s"] - median["waiting_s"])
+
+
 def stage_compute_s(ranks: list[dict], grid, phases: list[dict]) -> list[float]:
     """Per pipeline stage, the compute (time outside collectives) of the median decode step
     of the replica batch: its slowest tensor rank, mean over data-parallel replicas."""
-    per_rank = {r["rank"]: p["decode_step_median"]["compute_s"]
-                for r, p in zip(sorted(ranks, key=lambda r: r["rank"]), phases)}
+    ordered = sorted(ranks, key=lambda r: r["rank"])
+    per_rank = {r["rank"]: rank_step_compute_s(r["profile"], p) for r, p in zip(ordered, phases)}
     out = []
     for s in range(grid.pp):
         replicas = [max(per_rank[grid.rank(s, d, t)] for t in range(grid.tp))
@@ -269,7 +314,11 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
         lay, compute, lookup,
         compute_source=("measured on this run's profiled batch: time outside collectives "
                         "in its median decode step (a stage's slowest tensor rank, mean over "
-                        "replicas), taken as given, whatever the engine (eager or compiled)"),
+                        "replicas), taken as given, whatever the engine; "
+                        + ("a compiled tensor-parallel row: the compiled batch's step time "
+                           "less the eager profiled step's time in collectives"
+                           if any(r["profile"].get("compiled_marks_s") for r in ranks)
+                           else "the profiled batch ran the timed program")),
         latency_source=latency_source)
     out["latencies"] = entries
     out["bytes_per_decode_step"] = lay.stage_step_bytes()

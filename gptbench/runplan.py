@@ -13,6 +13,7 @@ import torch
 
 from gptbench.config import RunConfig
 from gptbench.errors import UserError
+from gptbench import topology
 from gptbench.topology import Grid, check_against_model, make_grid, micro_batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -221,9 +222,6 @@ def resolve_compile(cfg: RunConfig, device_type: str) -> str:
 
 
 def check_schedule(cfg: RunConfig, grid: Grid, micro_batches: int) -> None:
-    """The in-flight pipeline schedule needs a micro-batch for every stage to keep busy."""
-    if grid.pp > 1 and cfg.topology.pipeline_schedule == "in_flight" and micro_batches < grid.pp:
-        raise UserError(
-            f"topology.pipeline_schedule=in_flight needs micro_batches >= pp: {micro_batches} "
-            f"micro-batch(es) cannot keep {grid.pp} stages busy (raise workload.batch_size / "
-            f"topology.micro_batches, or use topology.pipeline_schedule=flush)")
+    """The in-flight pipeline schedule needs a micro-batch for every stage to keep busy
+    (topology.check_schedule: the rule gptbench plan applies too)."""
+    topology.check_schedule(cfg.topology.pipeline_schedule, grid, micro_batches)

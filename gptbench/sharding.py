@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from gptbench.errors import UserError
 
 # DeepSpeed 0.19.8 runtime/pipe/engine.py: every activation send carries a metadata
-# tensor of TENSOR_META_SIZE int32 first (dynamic_shape=True), then each tensor of the
-# tuple; gptbench's stage tuple is (hidden (mb, 1, d), micro-batch id (1,), positions (mb, 1)).
+# tensor of TENSOR_META_SIZE int32 first (dynamic_shape=True), then each tensor; gptbench's
+# stages pass the hidden state alone (mb, 1, d) (strategies/pipeline.py, Stage).
 TENSOR_META_SIZE = 256
 INT64_BYTES = 8
 
@@ -296,8 +296,6 @@ class Layout:
             Collective("p2p", "stage_pair", 2, TENSOR_META_SIZE * 4, hops, "hop",
                        "shape metadata before each activation send (dynamic_shape)"),
             Collective("p2p", "stage_pair", 2, hidden, hops, "hop", "hidden state"),
-            Collective("p2p", "stage_pair", 2, INT64_BYTES, hops, "hop", "micro-batch id"),
-            Collective("p2p", "stage_pair", 2, mb * INT64_BYTES, hops, "hop", "positions"),
             Collective("broadcast", "pipe", self.pp, self.batch_size * INT64_BYTES, 1, "step",
                        "new tokens from the last stage to the pipe group"),
         ]

@@ -133,7 +133,9 @@ def micro_batches(grid: Grid, batch_size: int, requested: int | None) -> int:
 
 
 def check_schedule(schedule: str, grid: Grid, m: int) -> None:
-    """The in-flight pipeline schedule keeps m >= pp micro-batches circulating."""
+    """The in-flight pipeline schedule needs a micro-batch for every stage to keep busy."""
     if grid.pp > 1 and schedule == "in_flight" and m < grid.pp:
-        raise UserError(f"topology.pipeline_schedule=in_flight needs micro_batches >= pp "
-                        f"(m={m}, pp={grid.pp}); use more micro-batches or flush")
+        raise UserError(
+            f"topology.pipeline_schedule=in_flight needs micro_batches >= pp: {m} "
+            f"micro-batch(es) cannot keep {grid.pp} stages busy (raise workload.batch_size / "
+            f"topology.micro_batches, or use topology.pipeline_schedule=flush)")

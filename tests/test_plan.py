@@ -89,14 +89,14 @@ def test_four_gpus_grids():
                      ("pipeline_data_hybrid", 1, 1, 4), ("full_model_parallel", 1, 2, 2)}
 
 
-def run_accepts(gpus: int, batch: int, m, model="tiny"):
+def run_accepts(gpus: int, batch: int, m, schedule: str, model="tiny"):
     """{(strategy, tp, pp, m)} that runplan.resolve accepts, over every explicit degree."""
     out = set()
     degrees = [None] + [k for k in range(1, gpus + 1) if gpus % k == 0]
     for strategy, tp, pp in itertools.product(STRATEGIES, degrees, degrees):
         cfg = config_from_dict({
             "strategy": strategy, "model": {"name": model, "weights": "random", "preset": model},
-            "topology": {"tp": tp, "pp": pp, "micro_batches": m},
+            "topology": {"tp": tp, "pp": pp, "micro_batches": m, "pipeline_schedule": schedule},
             "workload": {"dtype": "float32", "batch_size": batch, "num_samples": batch,
                          "input_len": 8, "output_len": 4},
             "parity": {"enabled": False}, "engine": {"device": "cpu"}})
@@ -115,9 +115,10 @@ def test_plan_lists_exactly_what_run_accepts(gpus):
             rows = plan("tiny", gpus, "h100", batch, 8, 4, "float32", micro_batches=m)
         except UserError:
             rows = []
-        planned = {(r.strategy, r.tp, r.pp, r.micro_batches) for r in ok(rows)
-                   if r.schedule in ("flush", "none")}
-        assert planned == run_accepts(gpus, batch, m), (gpus, batch, m)
+        for schedule in ("flush", "in_flight"):
+            planned = {(r.strategy, r.tp, r.pp, r.micro_batches) for r in ok(rows)
+                       if r.schedule in (schedule, "none")}
+            assert planned == run_accepts(gpus, batch, m, schedule), (gpus, batch, m, schedule)
 
 
 def test_plan_and_run_refuse_an_indivisible_batch_alike():
@@ -169,8 +170,8 @@ def test_communication_latency_adds_to_the_bound():
     dp = rows["pure_data_parallel", 2, 1, 1, "none"]
     assert dp.tpot_ms_predicted == pytest.approx(dp.tpot_ms_bound)  # nothing to send
     flush = rows["pipeline_data_hybrid", 1, 1, 2, "flush"]
-    # one hop of 4 messages + eval_batch's barrier + the token broadcast
-    assert flush.tpot_ms_predicted == pytest.approx(flush.tpot_ms_bound + 0.010 * (4 + 2))
+    # one hop of 2 messages + eval_batch's barrier + the token broadcast
+    assert flush.tpot_ms_predicted == pytest.approx(flush.tpot_ms_bound + 0.010 * (2 + 2))
     assert "TPOT pred" in format_plan(list(rows.values()))
     assert "Communication not modelled" in format_plan(ok(plan("gpt2-xl", 2, "rtx3080")))
 

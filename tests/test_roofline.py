@@ -121,7 +121,7 @@ def test_predicted_tpot_adds_collectives_at_their_latency():
     flush = sharding.layout(XL, 1, 1, 2, 2, 4, 256, 64, FP16)
     out = predict_tpot(flush, [0.004, 0.004], lambda *a: 10.0, "given", "test")
     tick = 0.002  # 4 ms of compute per step over 2 micro-batches
-    hop = 4 * 10e-6  # metadata, hidden, id, positions
+    hop = 2 * 10e-6  # metadata, hidden
     assert out["tpot_ms"] == pytest.approx(1e3 * (3 * tick + hop + 2 * 10e-6))
     out = predict_tpot(flush, [0.004, 0.004], None, "given", "none")
     assert out["comm_ms_per_token"] == 0 and "barrier on world (0 B)" in out["unknown_latency"]

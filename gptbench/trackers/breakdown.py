@@ -55,7 +55,8 @@ def _participants(key: tuple, rank: int) -> list[int]:
 
 
 def split_calls(logs: dict[int, list], offsets_s: dict[int, float] | None = None) -> dict:
-    """rank -> [(start_s, waiting_s, communication_s, op)] of every call it was blocked in,
+    """rank -> [(start_s, waiting_s, communication_s, op, post_s)] of every call it was
+    blocked in (a non-blocking one at its wait, which may come much later than its post),
     plus `unmatched` counts: {"calls": ..., "unmatched": {rank: n}}."""
     offsets_s = offsets_s or {}
     index = _index(logs)
@@ -68,7 +69,9 @@ def split_calls(logs: dict[int, list], offsets_s: dict[int, float] | None = None
             k = position[key]
             position[key] += 1
             start, end = call[5], call[6]
-            if start is None or end is None:
+            if start is None or end is None:  # never waited on: counted, no time
+                post = call[4] - offsets_s.get(rank, 0.0)
+                spans.append((post, 0.0, 0.0, call[0], post))
                 continue
             start, end = start - offsets_s.get(rank, 0.0), end - offsets_s.get(rank, 0.0)
             blocked = max(0.0, end - start)
@@ -86,7 +89,8 @@ def split_calls(logs: dict[int, list], offsets_s: dict[int, float] | None = None
                     ready = max(ready, logs[peer][positions[k]][4] - offsets_s.get(peer, 0.0))
             waiting = min(blocked, max(0.0, ready - start)) if found else 0.0
             missing += not found
-            spans.append((start, waiting, blocked - waiting, call[0]))
+            spans.append((start, waiting, blocked - waiting, call[0],
+                          call[4] - offsets_s.get(rank, 0.0)))
         out[rank], unmatched[rank] = spans, missing
     return {"calls": out, "unmatched": unmatched}
 
@@ -103,30 +107,39 @@ def clock_offsets(profiles: dict[int, dict]) -> tuple[dict[int, float], str]:
 
 def rank_times(profile: dict, spans: list[tuple]) -> dict:
     """Seconds of compute / communication / waiting of one rank: over the prefill, over all
-    decode steps, and the median decode step (robust to a descheduled step)."""
-    marks = profile["marks_s"]  # batch start, prefill end, end of each decode step
+    decode steps, and the median decode step (robust to a descheduled step).
+
+    marks_s: the batch's start, the prefill's end, then the end of each decode step, or
+    only the batch's end (one segment of `decode_steps` steps, taken as their mean)."""
+    marks = profile["marks_s"]
+
+    def within(t: float, lo: float, hi: float, last: bool) -> bool:
+        return lo <= t < hi or (last and t >= hi)
 
     def part(lo: float, hi: float, last: bool) -> dict:
-        inside = [sp for sp in spans if lo <= sp[0] < hi or (last and sp[0] >= hi)]
+        inside = [sp for sp in spans if within(sp[0], lo, hi, last)]
         waiting = sum(sp[1] for sp in inside)
         communication = sum(sp[2] for sp in inside)
         wall = max(0.0, hi - lo)
         return {"wall_s": wall, "waiting_s": waiting, "communication_s": communication,
-                "compute_s": max(0.0, wall - waiting - communication),
-                "calls": Counter(sp[3] for sp in inside)}
+                "compute_s": max(0.0, wall - waiting - communication),  # calls: by post
+                "calls": Counter(sp[3] for sp in spans if within(sp[4], lo, hi, last))}
 
     steps = [part(lo, hi, i == len(marks) - 2)
              for i, (lo, hi) in enumerate(zip(marks, marks[1:]))]
     decode = steps[1:]
+    n_steps = profile.get("decode_steps") or len(decode)
+    per_segment = n_steps / len(decode) if decode and n_steps else 1
     seconds = [k for k in steps[0] if k.endswith("_s")]
     total = {k: sum(st[k] for st in decode) for k in seconds}
-    median = {k: statistics.median(st[k] for st in decode) if decode else None for k in seconds}
+    median = {k: statistics.median(st[k] for st in decode) / per_segment if decode else None
+              for k in seconds}
     calls = Counter()
     for st in decode:
         calls.update(st["calls"])
     return {"prefill": steps[0], "decode": total, "decode_step_median": median,
-            "decode_step_calls": {op: n / len(decode) for op, n in sorted(calls.items())}
-            if decode else None}
+            "decode_step_calls": {op: n / (len(decode) * per_segment)
+                                  for op, n in sorted(calls.items())} if decode else None}
 
 
 def time_breakdown(profiles: dict[int, dict]) -> tuple[dict, list[dict]]:
@@ -139,7 +152,8 @@ def time_breakdown(profiles: dict[int, dict]) -> tuple[dict, list[dict]]:
     split = split_calls({r: p["calls"] for r, p in profiles.items()}, offsets)
     per_rank, phases = [], []
     for rank in sorted(profiles):
-        local = [(s + offsets.get(rank, 0.0), w, c, op) for s, w, c, op in split["calls"][rank]]
+        off = offsets.get(rank, 0.0)
+        local = [(s + off, w, c, op, p + off) for s, w, c, op, p in split["calls"][rank]]
         times = rank_times(profiles[rank], local)
         phases.append(times)
         whole = [times["prefill"], times["decode"]]
