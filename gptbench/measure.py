@@ -207,6 +207,9 @@ def profile_metrics(ranks: list[dict], grid, micro_batches: int, reasons: dict) 
             reasons[f"metrics.{key}"] = "communication profiling is off (engine.profile_comm)"
         return out
     block, _ = breakdown.time_breakdown(profiles)
+    if any(r.get("profile_eager") for r in ranks):
+        block["source"] += ("; this compiled tensor-parallel row's profiled batch ran eagerly "
+                            "(tracked collectives would split its graphs)")
     out["time_breakdown"] = block
     out["comm_fraction"] = block["communication"]
     out["comm_fraction_per_rank"] = [f["communication"] for f in block["per_rank"]]
