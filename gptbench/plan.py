@@ -97,7 +97,7 @@ def _max_batch(lay: sharding.Layout, memory_bytes: int, requested_m: int | None)
     return best
 
 
-def _notes(lay: sharding.Layout, nbytes: int) -> tuple[str, ...]:
+def _notes(lay: sharding.Layout) -> tuple[str, ...]:
     model, notes = lay.model, []
     if lay.tp > 1:
         heads = "/".join(map(str, sharding.heads_per_rank(model.n_head, lay.tp)))
@@ -113,8 +113,7 @@ def _notes(lay: sharding.Layout, nbytes: int) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def _row(model, device, strategy, grid, lay, context, latency, latency_source,
-         requested_m) -> dict:
+def _row(device, grid, lay, latency, latency_source, requested_m) -> dict:
     mem = lay.memory()
     fullest = max(range(len(mem["per_rank"])), key=mem["per_rank"].__getitem__)
     total = mem["per_rank"][fullest]
@@ -130,7 +129,7 @@ def _row(model, device, strategy, grid, lay, context, latency, latency_source,
         tpot_ms_bound=bound_s * 1e3,
         tokens_per_s_bound=grid.dp * lay.batch_size / bound_s,
         collectives_per_step=sum(c.per_step for c in lay.collectives()),
-        notes=_notes(lay, lay.dtype_bytes))
+        notes=_notes(lay))
     if latency is not None:
         compute_s = [b / device.memory_bandwidth_bytes_per_s for b in lay.stage_step_bytes()]
         predicted = predict_tpot(lay, compute_s, latency, "bandwidth bound", latency_source)
@@ -202,8 +201,7 @@ def plan(model_name_or_preset: str, gpus: int, gpu: str | None = "rtx3080",
                 rows.append(PlanRow(**base, micro_batches=None, schedule=schedule,
                                     status="refused", reason=str(e)))
                 continue
-            fields = _row(model, device, strategy, grid, lay, context, latency,
-                          latency_source, micro_batches)
+            fields = _row(device, grid, lay, latency, latency_source, micro_batches)
             rows.append(PlanRow(**base, micro_batches=m, schedule=schedule, status="ok",
                                 speedup_bound=fields["tokens_per_s_bound"] / one_gpu_tokens_per_s,
                                 **fields))
