@@ -230,3 +230,27 @@ def test_every_record_carries_a_prediction_with_its_inputs(records, run_id):
         assert p["latencies"] and all(c["latency_us"] > 0 for c in p["collectives"])
         # in flight, the hops may hide behind the other micro-batches' compute
         assert p["comm_ms_per_token"] > 0 or p["schedule"] == "in_flight"
+
+
+def test_a_compiled_rows_compute_is_its_own_step_less_the_eager_collectives():
+    from gptbench.measure import rank_step_compute_s
+
+    phase = {"decode_step_median": {"compute_s": 0.010, "communication_s": 0.004,
+                                    "waiting_s": 0.001}}
+    assert rank_step_compute_s({"decode_steps": 3}, phase) == 0.010
+    compiled = {"decode_steps": 3, "compiled_marks_s": [0.0, 0.5, 0.508, 0.516, 0.524]}
+    assert rank_step_compute_s(compiled, phase) == pytest.approx(0.008 - 0.005)
+
+
+def test_one_segment_of_decode_steps_is_averaged():
+    # The in-flight schedule marks only where the decode starts (its hook) and ends.
+    calls = [call("recv", "recv", (1, 0), 1.0, end=1.5), call("recv", "recv", (1, 0), 2.0, end=2.1)]
+    sender = [call("isend", "send", (1, 0), 1.4, start=3.0, end=3.0),
+              call("isend", "send", (1, 0), 2.05, start=3.0, end=3.0)]
+    prof = {0: {**profile(calls, [0.0, 0.5, 4.5]), "decode_steps": 4},
+            1: {**profile(sender, [0.0, 0.5, 4.5]), "decode_steps": 4}}
+    _, phases = time_breakdown(prof)
+    median = phases[0]["decode_step_median"]
+    assert median["wall_s"] == pytest.approx(1.0)  # 4 s over 4 steps
+    assert median["waiting_s"] == pytest.approx((0.4 + 0.05) / 4)
+    assert phases[1]["decode_step_calls"] == {"isend": 0.5}  # counted where posted
