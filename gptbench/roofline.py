@@ -185,24 +185,28 @@ def token_time_s(tick_s: Sequence[float], micro_batches: int = 1, schedule: str 
                  hop_s: float = 0.0, step_sync_s: float = 0.0, back_s: float | None = None) -> float:
     """Time between two tokens of one sequence. `tick_s`: per pipeline stage, the time its
     slowest rank needs to push one micro-batch one decode step through its layers (one
-    element when unpipelined); `hop_s`: moving one micro-batch to the next stage;
-    `step_sync_s`: what a step adds once (flush: eval_batch's barrier, the token broadcast);
-    `back_s`: the in-flight ring's way back, last stage to first (default: a hop).
+    element when unpipelined); `hop_s`: receiving one micro-batch from the previous stage,
+    paid by the receiving stage on every tick (a receive costs its latency even when the
+    data is already there); `back_s`: the in-flight ring's new tokens, received by the first
+    stage (default: a hop); `step_sync_s`: what a step adds once (flush: eval_batch's
+    barrier, the token broadcast).
 
     - flush (one `eval_batch` per token): m identical jobs through a flow shop take
-      sum(ticks) + (m-1)*max(ticks), plus p-1 hops on the way; equal ticks t give
-      (m+p-1)*t, so the bubble is (p-1)/(m+p-1).
+      sum(ticks) + (m-1)*max(ticks); equal ticks t give (m+p-1)*t, so the bubble is
+      (p-1)/(m+p-1).
     - in_flight (m >= p micro-batches circulate): a sequence's next token waits for a lap
-      of the ring (every stage and p hops, the last back to the first) or for the busiest
-      stage to serve all m micro-batches, whichever is longer: the pipeline fills once per
-      generation, bubble (p-1)/(N*m+p-1) over N tokens."""
+      of the ring (every stage's tick) or for the busiest stage to serve all m
+      micro-batches, whichever is longer: the pipeline fills once per generation, bubble
+      (p-1)/(N*m+p-1) over N tokens."""
     p, m = len(tick_s), micro_batches
     if p == 1:
         return m * tick_s[0] + step_sync_s
+    back = hop_s if back_s is None else back_s
     if schedule == "in_flight":
-        lap_s = sum(tick_s) + (p - 1) * hop_s + (hop_s if back_s is None else back_s)
-        return max(m * max(tick_s), lap_s) + step_sync_s
-    return sum(tick_s) + (p - 1) * hop_s + (m - 1) * max(tick_s) + step_sync_s
+        busy = [t + (back if s == 0 else hop_s) for s, t in enumerate(tick_s)]
+        return max(m * max(busy), sum(busy)) + step_sync_s
+    busy = [t + (hop_s if s > 0 else 0.0) for s, t in enumerate(tick_s)]
+    return sum(busy) + (m - 1) * max(busy) + step_sync_s
 
 
 def bubble_theory(pp: int, micro_batches: int, schedule: str, tokens: int) -> float | None:
@@ -299,7 +303,7 @@ def predict_tpot(lay: Layout, stage_compute_s: Sequence[float], latency_us: Late
         "latency_source": latency_source,
         "unknown_latency": unknown or None,
         "schedule": lay.schedule, "micro_batches": m, "pp": lay.pp, "tp": lay.tp,
-        "model": "roofline.token_time_s: ticks = compute/m + tensor all-reduces; flush = "
-                 "sum(ticks) + (p-1) hops + (m-1) max(tick) + barrier + token broadcast; "
-                 "in_flight = max(m max(tick), lap of the ring)",
+        "model": "roofline.token_time_s: tick = compute/m + tensor all-reduces + the "
+                 "receive from the previous stage; flush = sum(ticks) + (m-1) max(tick) + "
+                 "barrier + token broadcast; in_flight = max(m max(tick), sum(ticks))",
     }

@@ -170,8 +170,9 @@ def test_communication_latency_adds_to_the_bound():
     dp = rows["pure_data_parallel", 2, 1, 1, "none"]
     assert dp.tpot_ms_predicted == pytest.approx(dp.tpot_ms_bound)  # nothing to send
     flush = rows["pipeline_data_hybrid", 1, 1, 2, "flush"]
-    # one hop of 2 messages + eval_batch's barrier + the token broadcast
-    assert flush.tpot_ms_predicted == pytest.approx(flush.tpot_ms_bound + 0.010 * (2 + 2))
+    # the heavier stage 1 receives 2 messages on each of its 2 ticks; eval_batch's
+    # barrier and the token broadcast once
+    assert flush.tpot_ms_predicted == pytest.approx(flush.tpot_ms_bound + 0.010 * (2 * 2 + 2))
     assert "TPOT pred" in format_plan(list(rows.values()))
     assert "Communication not modelled" in format_plan(ok(plan("gpt2-xl", 2, "rtx3080")))
 

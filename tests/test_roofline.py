@@ -92,11 +92,13 @@ def test_flow_shop_step_bound():
 
 
 def test_token_time_of_both_schedules():
-    # flush: sum(ticks) + (p-1) hops + (m-1) max tick + what a step adds once.
-    assert token_time_s([1.0, 2.0], 3, "flush", hop_s=0.5, step_sync_s=0.25) == 1 + 2 + 0.5 + 2 * 2 + 0.25
-    # in flight: the busiest stage serves m micro-batches, or a lap of the ring is longer.
-    assert token_time_s([1.0, 2.0], 3, "in_flight", hop_s=0.5) == 3 * 2.0
-    assert token_time_s([1.0, 1.0], 2, "in_flight", hop_s=1.0, back_s=0.5) == 1 + 1 + 1 + 0.5
+    # flush: every stage but the first receives first; sum(ticks) + (m-1) max tick + once.
+    assert token_time_s([1.0, 2.0], 3, "flush", hop_s=0.5, step_sync_s=0.25) == 1 + 2.5 + 2 * 2.5 + 0.25
+    # in flight: the busiest stage serves m micro-batches, or a lap of the ring is longer;
+    # the first stage receives the new tokens (back), the others the hidden states (hop).
+    assert token_time_s([1.0, 2.0], 3, "in_flight", hop_s=0.5) == 3 * 2.5
+    assert token_time_s([1.0, 1.0], 2, "in_flight", hop_s=1.0, back_s=0.5) == 2 * 2.0
+    assert token_time_s([1.0, 1.0, 1.0], 2, "in_flight", hop_s=1.0) == 3 * 2.0  # the lap
     # Equal ticks t, m = p = 2: flush 3t, in flight 2t; one stage: m ticks.
     assert token_time_s([1.0, 1.0], 2, "flush") == 3.0
     assert token_time_s([1.0, 1.0], 2, "in_flight") == 2.0
@@ -121,8 +123,8 @@ def test_predicted_tpot_adds_collectives_at_their_latency():
     flush = sharding.layout(XL, 1, 1, 2, 2, 4, 256, 64, FP16)
     out = predict_tpot(flush, [0.004, 0.004], lambda *a: 10.0, "given", "test")
     tick = 0.002  # 4 ms of compute per step over 2 micro-batches
-    hop = 2 * 10e-6  # metadata, hidden
-    assert out["tpot_ms"] == pytest.approx(1e3 * (3 * tick + hop + 2 * 10e-6))
+    hop = 2 * 10e-6  # metadata, hidden: stage 1 receives them on each of its ticks
+    assert out["tpot_ms"] == pytest.approx(1e3 * (tick + 2 * (tick + hop) + 2 * 10e-6))
     out = predict_tpot(flush, [0.004, 0.004], None, "given", "none")
     assert out["comm_ms_per_token"] == 0 and "barrier on world (0 B)" in out["unknown_latency"]
 

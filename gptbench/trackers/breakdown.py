@@ -146,7 +146,8 @@ def time_breakdown(profiles: dict[int, dict]) -> tuple[dict, list[dict]]:
     """The record's `metrics.time_breakdown` from every rank's profile (rank -> dict with
     marks_s, calls, host, clock_ref_s), and per rank (in rank order) the seconds of each
     phase (`rank_times`). per_rank[i].decode_step_ms: the median decode step's parts;
-    decode_step_calls: torch.distributed calls per decode step, by operation."""
+    decode_step_calls: torch.distributed calls per decode step, by operation; by_op: the
+    whole batch's calls and seconds waiting / communicating, by operation."""
     offsets, clock_note = clock_offsets(profiles)
     # Profiles' own times are on each rank's clock; only call matching needs alignment.
     split = split_calls({r: p["calls"] for r, p in profiles.items()}, offsets)
@@ -162,17 +163,23 @@ def time_breakdown(profiles: dict[int, dict]) -> tuple[dict, list[dict]]:
         communication = sum(t["communication_s"] for t in whole)
         if wall <= 0:
             per_rank.append({"compute": None, "communication": None, "waiting": None,
-                             "decode_step_ms": None, "decode_step_calls": None})
+                             "decode_step_ms": None, "decode_step_calls": None, "by_op": None})
             continue
         fractions = {"communication": min(1.0, communication / wall),
                      "waiting": min(1.0, waiting / wall)}
         fractions["compute"] = max(0.0, 1.0 - fractions["communication"] - fractions["waiting"])
+        by_op: dict = {}
+        for sp in local:
+            entry = by_op.setdefault(sp[3], {"calls": 0, "communication_s": 0.0, "waiting_s": 0.0})
+            entry["calls"] += 1
+            entry["waiting_s"] += sp[1]
+            entry["communication_s"] += sp[2]
         step = times["decode_step_median"]
         per_rank.append({**{k: fractions[k] for k in ("compute", "communication", "waiting")},
                          "decode_step_ms": None if step["wall_s"] is None else {
                              k: step[f"{k}_s"] * 1e3
                              for k in ("wall", "compute", "communication", "waiting")},
-                         "decode_step_calls": times["decode_step_calls"]})
+                         "decode_step_calls": times["decode_step_calls"], "by_op": by_op})
     known = [f for f in per_rank if f["compute"] is not None]
     mean = {k: (sum(f[k] for f in known) / len(known) if known else None)
             for k in ("compute", "communication", "waiting")}
