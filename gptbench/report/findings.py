@@ -5,7 +5,7 @@ from gptbench.report.load import value_at
 
 # Below this parallel efficiency a configuration "loses scaling" and the report says why.
 EFFICIENCY_LOSS_BELOW = 0.8
-# A share of the profiled batch large enough to name as a cause of the loss.
+# A share of the timed region large enough to name as a cause of the loss.
 CAUSE_SHARE_ABOVE = 0.1
 
 
@@ -74,28 +74,19 @@ def efficiency_clause(run: dict) -> str:
 
 
 def loss_sentence(run: dict) -> str:
-    """Why a configuration loses scaling, from the time breakdown of its profiled batch
-    (metrics.time_breakdown: compute + communication + waiting = 1, no overlap)."""
-    comm = value_at(run, "metrics.time_breakdown.communication")
-    waiting = value_at(run, "metrics.time_breakdown.waiting")
-    if comm is None:  # records from before the breakdown
-        comm = value_at(run, "metrics.comm_fraction")
-        waiting = value_at(run, "metrics.bubble_fraction.measured")
+    comm = value_at(run, "metrics.comm_fraction")
+    bubble = value_at(run, "metrics.bubble_fraction.measured")
     theory = value_at(run, "metrics.bubble_fraction.theory")
-    pipelined = (value_at(run, "topology.pp") or 1) > 1
     causes = []
     if comm is not None and comm > CAUSE_SHARE_ABOVE:
-        causes.append(f"communication {comm:.0%} of a profiled batch")
-    if waiting is not None and waiting > CAUSE_SHARE_ABOVE:
-        if pipelined:
-            grid = f"pp={value_at(run, 'topology.pp')}, m={value_at(run, 'topology.micro_batches')}"
-            theory_text = "" if theory is None else f" (theory {theory:.0%} for {grid})"
-            causes.append(f"pipeline bubble (waiting) {waiting:.0%} of a profiled batch{theory_text}")
-        else:
-            causes.append(f"waiting for peers {waiting:.0%} of a profiled batch")
+        causes.append(f"communication {comm:.0%} of the timed region")
+    if bubble is not None and bubble > CAUSE_SHARE_ABOVE:
+        grid = f"pp={value_at(run, 'topology.pp')}, m={value_at(run, 'topology.micro_batches')}"
+        theory_text = "" if theory is None else f" (theory {theory:.0%} for {grid})"
+        causes.append(f"pipeline bubble {bubble:.0%} of the timed region{theory_text}")
     if not causes:
-        causes.append("neither communication nor waiting above "
-                      f"{CAUSE_SHARE_ABOVE:.0%} of a profiled batch explains it")
+        causes.append("neither communication nor pipeline bubble above "
+                      f"{CAUSE_SHARE_ABOVE:.0%} of the timed region explains it")
     return (f"Scaling lost: {run['strategy']} at {run['topology']['world_size']} ranks ({run['run_id']}): "
             f"efficiency {run['metrics']['parallel_efficiency']:.0%}, {', '.join(causes)}.")
 
