@@ -139,8 +139,8 @@ def aggregate_metrics(ranks: list[dict], grid, micro_batches: int) -> tuple[dict
     else:
         reasons["metrics.gpu_utilization_pct"] = next(
             r["gpu_util_reason"] for r in ranks if r["gpu_util_pct"] is None)
-    from gptbench import measure  # time breakdown, bubble: the model side's aggregation
-    metrics.update(measure.profile_metrics(ranks, grid, micro_batches, reasons))
+    from gptbench import figures  # time breakdown and bubble (the model side's aggregation)
+    metrics.update(figures.profile_metrics(ranks, grid, micro_batches, reasons))
     return metrics, reasons
 
 

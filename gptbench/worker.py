@@ -149,7 +149,7 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
 
 
 def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -> dict:
-    from gptbench import envinfo, measure
+    from gptbench import envinfo, figures
 
     model = {**plan.model_dims, "params": info["params"]}
     record = results.skeleton(plan.cfg, plan.grid.world_size, plan.grid, model,
@@ -167,7 +167,7 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["engine"]["compile"] = plan.compile_mode
     record["topology"]["pipeline_schedule"] = info.get("pipeline_schedule")
     metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
-    measure.model_metrics(plan, ranks, metrics, record["env"], reasons)
+    figures.model_metrics(plan, ranks, metrics, record["env"], reasons)
     metrics.update(compile_metrics(ranks, plan.compile_mode, reasons))
     record["metrics"], record["null_reasons"] = metrics, reasons
     record["parity"] = results.aggregate_parity(ranks)

@@ -233,7 +233,7 @@ def test_every_record_carries_a_prediction_with_its_inputs(records, run_id):
 
 
 def test_a_compiled_rows_compute_is_its_own_step_less_the_eager_collectives():
-    from gptbench.measure import rank_step_compute_s
+    from gptbench.figures import rank_step_compute_s
 
     phase = {"decode_step_median": {"compute_s": 0.010, "communication_s": 0.004,
                                     "waiting_s": 0.001}}
