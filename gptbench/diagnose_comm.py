@@ -8,7 +8,7 @@ small CPU have) it starts that many processes and measures, with trackers/latenc
 - all-reduce at the message sizes tensor parallel sends (batch x n_embd and batch x vocab
   elements span 4 B .. 4 MiB; the sizes between are interpolated), on groups of 2 and of
   the world size, every group at once (as in tp x dp);
-- p2p one way (half a ping-pong round trip) between rank pairs, every pair at once;
+- p2p one way (send issued to receive returned) between rank pairs, every pair at once;
 - barrier of the world, and broadcast over groups (a pipeline's per-step operations).
 """
 from __future__ import annotations

@@ -140,8 +140,8 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
     entries = _latency_entries(lay, sorted(ranks, key=lambda r: r["rank"]))
     lookup = latency.LatencyTable(entries).lookup_us
     latency_source = ("probed after the profiled batch on this run's own groups "
-                      "(trackers/latency.py, as gptbench diagnose --comm): barrier, then "
-                      "the operation, median of 20")
+                      "(trackers/latency.py, as gptbench diagnose --comm): from the last "
+                      "participant's issue to the return, median of 20")
     seen = sum(sum((f["decode_step_calls"] or {}).values()) for f in block["per_rank"])
     if lay.collectives() and not seen:
         # e.g. collectives replayed inside CUDA graphs: their time is in the compute term

@@ -2,17 +2,20 @@
 
 Used by `gptbench diagnose --comm` (a standalone probe, written as JSON for `gptbench plan
 --comm-file`) and inside every run after its profiled batch (on the run's own groups, with
-its ranks and threads). Every iteration starts after a barrier of all ranks, so the time
-is the operation's own once every peer has arrived (plus the barrier's exit skew), and all
-groups of a kind run at once, as they do in a tp x dp or pp x dp run.
+its ranks and threads). Every iteration starts after a barrier of all ranks, and all groups
+of a kind run at once, as they do in a tp x dp or pp x dp run. The latency is taken the
+way the time breakdown splits a call (trackers/breakdown.py): from the moment the last
+participant issued the operation to the moment this rank got out of it, so the skew of
+the ranks leaving the barrier (waiting, not communication) is left out.
 
 Entries: {"op": all_reduce|p2p|barrier|broadcast, "group_size", "concurrent_groups",
 "bytes", "latency_us" (median over iterations, mean over ranks), "iterations"}. A p2p
-entry's latency is one way: half the median round trip of a ping-pong.
+entry is one way: the receiver's, from the send's issue to the receive's return.
 """
 from __future__ import annotations
 
 import math
+import socket
 import statistics
 import time
 
@@ -29,7 +32,8 @@ def _tensor(nbytes: int, device, dtype=torch.float32) -> torch.Tensor:
     return torch.ones(max(1, nbytes // itemsize), dtype=dtype, device=device)
 
 
-def _timed(op, device, iterations: int) -> list[float]:
+def _spans(op, device, iterations: int) -> list[tuple[float, float]]:
+    """(issued, returned) of `op` in each iteration after the warm-up."""
     dist = torch.distributed
     out = []
     for i in range(WARMUP + iterations):
@@ -39,16 +43,36 @@ def _timed(op, device, iterations: int) -> list[float]:
         op()
         synchronize(device)
         if i >= WARMUP:
-            out.append(time.perf_counter() - start)
+            out.append((start, time.perf_counter()))
     return out
+
+
+def _after_last_arrival(spans, participants) -> float | None:
+    """Median over iterations of (this rank's return - the last participant's issue).
+    Every rank of the world calls this (it gathers everyone's spans); clocks of ranks on
+    other hosts are aligned at a barrier."""
+    dist = torch.distributed
+    dist.barrier()
+    mine = {"host": socket.gethostname(), "ref": time.perf_counter(), "spans": spans}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if not spans or not participants:
+        return None
+    one_host = len({e["host"] for e in everyone}) == 1
+    offset = {r: 0.0 if one_host else e["ref"] - mine["ref"] for r, e in enumerate(everyone)}
+    out = []
+    for i, (_, end) in enumerate(spans):
+        last = max(everyone[r]["spans"][i][0] - offset[r] for r in participants)
+        out.append(max(0.0, end - last))
+    return statistics.median(out)
 
 
 def probe_group_op(op: str, groups: list[list[int]], nbytes: int, device,
                    iterations: int = DEFAULT_ITERATIONS, made: dict | None = None) -> float | None:
-    """Median seconds of `op` on this rank's group among `groups` (all run at once);
-    None on a rank in none of them. Every rank must call this (it barriers the world).
-    `made` caches process groups by their ranks (new_group is collective: every rank
-    creates every group, in the same order)."""
+    """Median seconds of `op` on this rank's group among `groups` (all run at once), after
+    its last member issued it; None on a rank in none of them. Every rank must call this
+    (it barriers the world). `made` caches process groups by their ranks (new_group is
+    collective: every rank creates every group, in the same order)."""
     dist = torch.distributed
     made = {} if made is None else made
     mine = None
@@ -60,39 +84,36 @@ def probe_group_op(op: str, groups: list[list[int]], nbytes: int, device,
             mine = key
     tensor = _tensor(nbytes, device)
     if mine is None:
-        _timed(lambda: None, device, iterations)  # keep the world's barriers in step
-        return None
+        _spans(lambda: None, device, iterations)  # keep the world's barriers in step
+        return _after_last_arrival([], [])
     group = made[mine]
     calls = {
         "all_reduce": lambda: dist.all_reduce(tensor, group=group),
         "broadcast": lambda: dist.broadcast(tensor, src=mine[-1], group=group),
         "barrier": lambda: dist.barrier(group=group),
     }
-    return statistics.median(_timed(calls[op], device, iterations))
+    return _after_last_arrival(_spans(calls[op], device, iterations), list(mine))
 
 
 def probe_p2p(pairs: list[tuple[int, int]], nbytes: int, device,
               iterations: int = DEFAULT_ITERATIONS) -> float | None:
-    """One-way seconds (half the median ping-pong round trip) on this rank's pair among
-    `pairs` (all at once); None on a rank in none of them or on the answering side."""
+    """One way, on the receiving rank of its pair among `pairs` (all at once): median
+    seconds from the send's issue to the receive's return; None on other ranks."""
     dist = torch.distributed
     me = dist.get_rank()
     tensor = _tensor(nbytes, device)
     role = next(((a, b) for a, b in pairs if me in (a, b)), None)
 
-    def ping():
+    def one_way():
         a, b = role
         if me == a:
             dist.send(tensor, b)
-            dist.recv(tensor, b)
         else:
             dist.recv(tensor, a)
-            dist.send(tensor, a)
 
-    times = _timed(ping if role else (lambda: None), device, iterations)
-    if role is None or me != role[0]:
-        return None
-    return statistics.median(times) / 2
+    spans = _spans(one_way if role else (lambda: None), device, iterations)
+    receiving = role is not None and me == role[1]
+    return _after_last_arrival(spans if receiving else [], list(role) if receiving else [])
 
 
 def entry(op: str, group_size: int, concurrent: int, nbytes: int, values: list,
