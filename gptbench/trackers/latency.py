@@ -47,16 +47,16 @@ def _spans(op, device, iterations: int) -> list[tuple[float, float]]:
     return out
 
 
-def _after_last_arrival(spans, participants) -> float | None:
-    """Median over iterations of (this rank's return - the last participant's issue).
-    Every rank of the world calls this (it gathers everyone's spans); clocks of ranks on
-    other hosts are aligned at a barrier."""
+def _after_last_arrival(spans, participants, report: bool = True) -> float | None:
+    """Median over iterations of (this rank's return - the last participant's issue), or
+    None where `report` is false. Every rank of the world calls this with its own spans (it
+    gathers everyone's); clocks of ranks on other hosts are aligned at a barrier."""
     dist = torch.distributed
     dist.barrier()
     mine = {"host": socket.gethostname(), "ref": time.perf_counter(), "spans": spans}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    if not spans or not participants:
+    if not (report and spans and participants):
         return None
     one_host = len({e["host"] for e in everyone}) == 1
     offset = {r: 0.0 if one_host else e["ref"] - mine["ref"] for r, e in enumerate(everyone)}
@@ -85,7 +85,7 @@ def probe_group_op(op: str, groups: list[list[int]], nbytes: int, device,
     tensor = _tensor(nbytes, device)
     if mine is None:
         _spans(lambda: None, device, iterations)  # keep the world's barriers in step
-        return _after_last_arrival([], [])
+        return _after_last_arrival([], [], report=False)
     group = made[mine]
     calls = {
         "all_reduce": lambda: dist.all_reduce(tensor, group=group),
@@ -113,7 +113,7 @@ def probe_p2p(pairs: list[tuple[int, int]], nbytes: int, device,
 
     spans = _spans(one_way if role else (lambda: None), device, iterations)
     receiving = role is not None and me == role[1]
-    return _after_last_arrival(spans if receiving else [], list(role) if receiving else [])
+    return _after_last_arrival(spans, list(role) if role else [], report=receiving)
 
 
 def entry(op: str, group_size: int, concurrent: int, nbytes: int, values: list,
