@@ -8,7 +8,9 @@ small CPU have) it starts that many processes and measures, with trackers/latenc
 - all-reduce at the message sizes tensor parallel sends (batch x n_embd and batch x vocab
   elements span 4 B .. 4 MiB; the sizes between are interpolated), on groups of 2 and of
   the world size, every group at once (as in tp x dp);
-- p2p one way (send issued to receive returned) between rank pairs, every pair at once;
+- p2p one way between rank pairs, every pair at once: issued together (`p2p`, a stage
+  waiting for its input) and with the receive issued after the send (`p2p_ready`, the
+  input already waiting, as the busiest stage of an in-flight pipeline finds it);
 - barrier of the world, and broadcast over groups (a pipeline's per-step operations).
 """
 from __future__ import annotations
@@ -58,9 +60,10 @@ def _measure(world: int, device, iterations: int) -> list[dict]:
     value = latency.probe_group_op("barrier", [list(range(world))], 0, device, iterations, made)
     entries.append(latency.entry("barrier", world, 1, 0, gather(value), iterations))
     pairs = [(a, a + world // 2) for a in range(world // 2)]  # across the two halves
-    for nbytes in P2P_BYTES:
-        value = latency.probe_p2p(pairs, nbytes, device, iterations)
-        entries.append(latency.entry("p2p", 2, len(pairs), nbytes, gather(value), iterations))
+    for op in ("p2p", "p2p_ready"):
+        for nbytes in P2P_BYTES:
+            value = latency.probe_p2p(pairs, nbytes, device, iterations, ready=op == "p2p_ready")
+            entries.append(latency.entry(op, 2, len(pairs), nbytes, gather(value), iterations))
     for e in entries:
         if e:
             e["world_size"] = world

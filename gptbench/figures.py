@@ -13,7 +13,8 @@ from gptbench.trackers import breakdown, latency
 
 def _latency_entries(lay: sharding.Layout, ranks: list[dict]) -> list[dict]:
     sizes = {"all_reduce": (lay.tp, lay.dp * lay.pp), "broadcast": (lay.pp, lay.dp * lay.tp),
-             "barrier": (lay.dp * lay.tp * lay.pp, 1), "p2p": (2, lay.dp * lay.tp)}
+             "barrier": (lay.dp * lay.tp * lay.pp, 1), "p2p": (2, lay.dp * lay.tp),
+             "p2p_ready": (2, lay.dp * lay.tp)}
     out = []
     for key in ranks[0]["profile"]["latency_s"]:
         op, nbytes = key.split(":")

@@ -153,6 +153,8 @@ def _probe_keys(lay: sharding.Layout) -> list[tuple[str, int]]:
     sizes: dict[str, set] = {}
     for c in lay.collectives():
         sizes.setdefault(c.op, set()).add(c.nbytes)
+    if lay.schedule == "in_flight":  # its busiest stage finds its inputs waiting
+        sizes["p2p_ready"] = sizes["p2p"]
     return [(op, n) for op in sorted(sizes) for n in sorted({min(sizes[op]), max(sizes[op])})]
 
 
@@ -163,10 +165,10 @@ def probe_latencies(lay: sharding.Layout, grid, device) -> dict:
     out = {}
     world = [list(range(grid.world_size))]
     for op, nbytes in _probe_keys(lay):
-        if op == "p2p":
+        if op in ("p2p", "p2p_ready"):
             pairs = [(grid.rank(0, d, t), grid.rank(1, d, t))
                      for d in range(grid.dp) for t in range(grid.tp)]
-            value = latency.probe_p2p(pairs, nbytes, device)
+            value = latency.probe_p2p(pairs, nbytes, device, ready=op == "p2p_ready")
         else:
             groups = {"all_reduce": grid.tp_groups(), "broadcast": grid.pp_groups(),
                       "barrier": world}[op]

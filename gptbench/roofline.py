@@ -182,14 +182,16 @@ def prefill_flops(model: ModelDims, batch: int, input_len: int,
 
 
 def token_time_s(tick_s: Sequence[float], micro_batches: int = 1, schedule: str = "flush",
-                 hop_s: float = 0.0, step_sync_s: float = 0.0, back_s: float | None = None) -> float:
+                 hop_s: float = 0.0, step_sync_s: float = 0.0, back_s: float | None = None,
+                 ready_s: Sequence[float] | None = None) -> float:
     """Time between two tokens of one sequence. `tick_s`: per pipeline stage, the time its
     slowest rank needs to push one micro-batch one decode step through its layers (one
     element when unpipelined); `hop_s`: receiving one micro-batch from the previous stage,
     paid by the receiving stage on every tick (a receive costs its latency even when the
     data is already there); `back_s`: the in-flight ring's new tokens, received by the first
     stage (default: a hop); `step_sync_s`: what a step adds once (flush: eval_batch's
-    barrier, the token broadcast).
+    barrier, the token broadcast); `ready_s`: in flight, per stage, what a receive costs
+    when its input is already waiting (the busiest stage's case; default: hop / back).
 
     - flush (one `eval_batch` per token): m identical jobs through a flow shop take
       sum(ticks) + (m-1)*max(ticks); equal ticks t give (m+p-1)*t, so the bubble is
@@ -203,8 +205,10 @@ def token_time_s(tick_s: Sequence[float], micro_batches: int = 1, schedule: str 
         return m * tick_s[0] + step_sync_s
     back = hop_s if back_s is None else back_s
     if schedule == "in_flight":
-        busy = [t + (back if s == 0 else hop_s) for s, t in enumerate(tick_s)]
-        return max(m * max(busy), sum(busy)) + step_sync_s
+        ready = ready_s or [back if s == 0 else hop_s for s in range(p)]
+        busy = [t + r for t, r in zip(tick_s, ready)]
+        lap = sum(tick_s) + (p - 1) * hop_s + back
+        return max(m * max(busy), lap) + step_sync_s
     busy = [t + (hop_s if s > 0 else 0.0) for s, t in enumerate(tick_s)]
     return sum(busy) + (m - 1) * max(busy) + step_sync_s
 
@@ -269,6 +273,20 @@ def roofline_block(lay: Layout, device_name: str | None,
 LatencyUs = Callable[[str, int, int], "float | None"]  # (op, group size, bytes) -> µs
 
 
+def _ready_receive_s(lay: Layout, collectives: list[dict], latency_us: LatencyUs) -> list[float]:
+    """In flight, per stage and micro-batch, what its receive costs when the input is
+    already waiting (`p2p_ready`; else the plain p2p latency): the first stage receives the
+    new tokens (back), the others the hidden states (hop)."""
+    hops, m = max(1, (lay.pp - 1) * lay.micro_batches), lay.micro_batches
+
+    def receive_s(where: str) -> float:
+        return sum(1e-6 * (latency_us("p2p_ready", 2, c["bytes"]) or c["latency_us"] or 0.0)
+                   * c["per_step"] / (hops if where == "hop" else m)
+                   for c in collectives if c["where"] == where)
+
+    return [receive_s("back") if s == 0 else receive_s("hop") for s in range(lay.pp)]
+
+
 def predict_tpot(lay: Layout, stage_compute_s: Sequence[float], latency_us: LatencyUs | None,
                  compute_source: str, latency_source: str) -> dict:
     """`metrics.predicted` / plan's TPOT: the compute of each stage (its slowest rank, one
@@ -292,18 +310,23 @@ def predict_tpot(lay: Layout, stage_compute_s: Sequence[float], latency_us: Late
     hop_s = sum(c["per_step"] / hops * seconds(c) for c in collectives if c["where"] == "hop")
     back = [c["per_step"] / m * seconds(c) for c in collectives if c["where"] == "back"]
     step_s = sum(c["per_step"] * seconds(c) for c in collectives if c["where"] == "step")
-    tpot_s = token_time_s(tick_s, m, lay.schedule, hop_s, step_s, sum(back) if back else None)
+    ready_s = (_ready_receive_s(lay, collectives, latency_us)
+               if lay.schedule == "in_flight" and latency_us else None)
+    tpot_s = token_time_s(tick_s, m, lay.schedule, hop_s, step_s, sum(back) if back else None,
+                          ready_s)
     compute_only_s = token_time_s([c / m for c in stage_compute_s], m, lay.schedule)
     return {
         "tpot_ms": tpot_s * 1e3,
         "compute_ms_per_step": [c * 1e3 for c in stage_compute_s],
         "compute_source": compute_source,
+        "ready_receive_ms": None if ready_s is None else [r * 1e3 for r in ready_s],
         "comm_ms_per_token": (tpot_s - compute_only_s) * 1e3,
         "collectives": collectives,
         "latency_source": latency_source,
         "unknown_latency": unknown or None,
         "schedule": lay.schedule, "micro_batches": m, "pp": lay.pp, "tp": lay.tp,
-        "model": "roofline.token_time_s: tick = compute/m + tensor all-reduces + the "
-                 "receive from the previous stage; flush = sum(ticks) + (m-1) max(tick) + "
-                 "barrier + token broadcast; in_flight = max(m max(tick), sum(ticks))",
+        "model": "roofline.token_time_s: tick = compute/m + tensor all-reduces; flush: a "
+                 "stage's tick also pays its receive, token = sum(ticks) + (m-1) max(tick) + "
+                 "barrier + token broadcast; in_flight = max(m x (tick + receive of an input "
+                 "already waiting: p2p_ready), a lap of the ring)",
     }

@@ -61,7 +61,7 @@ def test_comm_measures_this_backend_and_plan_reads_it(tmp_path):
     assert data["schema"] == "gptbench.comm/1"
     assert data["backend"] == ("nccl" if torch.cuda.device_count() >= 2 else "gloo")
     ops = {(e["op"], e["group_size"]) for e in data["entries"]}
-    assert ops == {("all_reduce", 2), ("broadcast", 2), ("barrier", 2), ("p2p", 2)}
+    assert ops == {("all_reduce", 2), ("broadcast", 2), ("barrier", 2), ("p2p", 2), ("p2p_ready", 2)}
     sizes = sorted(e["bytes"] for e in data["entries"] if e["op"] == "all_reduce")
     assert sizes[0] <= 12_800 <= sizes[-1] and sizes[0] <= 402_056 <= sizes[-1]  # GPT-2 XL tp
     assert all(e["latency_us"] > 0 for e in data["entries"])

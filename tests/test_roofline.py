@@ -221,3 +221,13 @@ def test_roofline_block_pipeline_reads_weights_per_micro_batch():
         2 * 2 * (24 * (12 * 1600 ** 2 + 13 * 1600) + 2 * 2 * 1600) + 4 * 288 * 307_200 / 2)
     ticks = [b / 2 / 760e9 for b in lay.stage_step_bytes()]
     assert block["predicted_tokens_per_s"] == pytest.approx(2 * 4 / (sum(ticks) + max(ticks)))
+
+
+def test_in_flight_busiest_stage_pays_a_waiting_inputs_receive():
+    # p2p issued together: 10 µs; a receive whose input was already waiting: 300 µs.
+    lay = sharding.layout(XL, 1, 1, 2, 2, 4, 256, 64, FP16, "in_flight")
+    latency = lambda op, g, n: 300.0 if op == "p2p_ready" else 10.0  # noqa: E731
+    out = predict_tpot(lay, [0.004, 0.002], latency, "given", "test")
+    assert out["ready_receive_ms"] == pytest.approx([0.3, 0.3])
+    # stage 0 is the busiest: 2 micro-batches x (2 ms of compute + a 0.3 ms receive)
+    assert out["tpot_ms"] == pytest.approx(2 * (2.0 + 0.3))

@@ -8,9 +8,11 @@ way the time breakdown splits a call (trackers/breakdown.py): from the moment th
 participant issued the operation to the moment this rank got out of it, so the skew of
 the ranks leaving the barrier (waiting, not communication) is left out.
 
-Entries: {"op": all_reduce|p2p|barrier|broadcast, "group_size", "concurrent_groups",
-"bytes", "latency_us" (median over iterations, mean over ranks), "iterations"}. A p2p
-entry is one way: the receiver's, from the send's issue to the receive's return.
+Entries: {"op": all_reduce|p2p|p2p_ready|barrier|broadcast, "group_size",
+"concurrent_groups", "bytes", "latency_us" (median over iterations, mean over ranks),
+"iterations"}. A p2p entry is one way, on the receiver: from the later of the two issues to
+the receive's return; `p2p` with both issued at once (a stage waiting for its input),
+`p2p_ready` with the receive issued after the send (the input already waiting).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from gptbench.trackers.timing import synchronize
 
 DEFAULT_ITERATIONS = 20
 WARMUP = 3
+READY_DELAY_S = 0.002  # a `p2p_ready` probe's receive comes this long after the send
 
 
 def _tensor(nbytes: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -33,17 +36,18 @@ def _tensor(nbytes: int, device, dtype=torch.float32) -> torch.Tensor:
 
 
 def _spans(op, device, iterations: int) -> list[tuple[float, float]]:
-    """(issued, returned) of `op` in each iteration after the warm-up."""
+    """(issued, returned) of `op` in each iteration after the warm-up; an `op` that issues
+    its operation late returns when it did."""
     dist = torch.distributed
     out = []
     for i in range(WARMUP + iterations):
         dist.barrier()
         synchronize(device)
         start = time.perf_counter()
-        op()
+        issued = op()
         synchronize(device)
         if i >= WARMUP:
-            out.append((start, time.perf_counter()))
+            out.append((issued if isinstance(issued, float) else start, time.perf_counter()))
     return out
 
 
@@ -96,9 +100,12 @@ def probe_group_op(op: str, groups: list[list[int]], nbytes: int, device,
 
 
 def probe_p2p(pairs: list[tuple[int, int]], nbytes: int, device,
-              iterations: int = DEFAULT_ITERATIONS) -> float | None:
+              iterations: int = DEFAULT_ITERATIONS, ready: bool = False) -> float | None:
     """One way, on the receiving rank of its pair among `pairs` (all at once): median
-    seconds from the send's issue to the receive's return; None on other ranks."""
+    seconds from the later of the send's and the receive's issue to the receive's return;
+    None on other ranks. `ready`: the receive comes READY_DELAY_S after the send, as in a
+    pipeline whose busiest stage finds its input waiting; gloo then needs a round trip
+    (the receive's notice to the sender, the data back) with both processes waking up."""
     dist = torch.distributed
     me = dist.get_rank()
     tensor = _tensor(nbytes, device)
@@ -111,7 +118,16 @@ def probe_p2p(pairs: list[tuple[int, int]], nbytes: int, device,
         else:
             dist.recv(tensor, a)
 
-    spans = _spans(one_way if role else (lambda: None), device, iterations)
+    def late_receive():
+        if me != role[1]:
+            return one_way()
+        time.sleep(READY_DELAY_S)
+        issued = time.perf_counter()
+        one_way()
+        return issued
+
+    spans = _spans(late_receive if role and ready else one_way if role else (lambda: None),
+                   device, iterations)
     receiving = role is not None and me == role[1]
     return _after_last_arrival(spans, list(role) if role else [], report=receiving)
 
