@@ -51,11 +51,9 @@ def _compare(a) -> int:
 
 
 def _plan(a) -> int:
-    from gptbench.plan import format_plan, plan
+    from gptbench import plan
 
-    rows = plan(a.model, a.gpus, a.gpu, a.batch_size, a.input_len, a.output_len, a.dtype)
-    print(format_plan(rows))
-    return 0
+    return plan.main(a)
 
 
 def _datasets_make(a) -> int:
@@ -76,11 +74,9 @@ def _datasets_make(a) -> int:
 
 
 def _diagnose(a) -> int:
-    from gptbench.diagnose import diagnose
+    from gptbench import diagnose
 
-    text, code = diagnose(hostfile=a.hostfile)
-    print(text)
-    return code
+    return diagnose.main(a)
 
 
 def _bench_cpu(a) -> int:
@@ -129,13 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=_compare)
 
     pl = sub.add_parser("plan", help="predicted memory and roofline bounds per strategy")
-    pl.add_argument("--model", default="gpt2-xl")
-    pl.add_argument("--gpus", type=int, default=1)
-    pl.add_argument("--gpu", default="rtx3080")
-    pl.add_argument("--batch-size", type=int, default=4)
-    pl.add_argument("--input-len", type=int, default=256)
-    pl.add_argument("--output-len", type=int, default=64)
-    pl.add_argument("--dtype", default="float16")
+    from gptbench.plan import add_arguments as add_plan_arguments
+    add_plan_arguments(pl)
     pl.set_defaults(fn=_plan)
 
     d = sub.add_parser("datasets", help="benchmark datasets")
@@ -157,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     dg = sub.add_parser("diagnose", help="GPUs, drivers, CUDA/NCCL, topology, DeepSpeed ops")
     dg.add_argument("--hostfile", help="also check every host of this DeepSpeed hostfile: ssh, "
                     "the repo at the same path, the same gptbench/torch/DeepSpeed versions")
+    from gptbench.diagnose_comm import add_arguments as add_diagnose_arguments
+    add_diagnose_arguments(dg)
     dg.set_defaults(fn=_diagnose)
 
     b = sub.add_parser("bench-cpu", help="harness overhead and 2-rank scaling on CPU")

@@ -194,3 +194,30 @@ def _inference_ops(report: Report) -> None:
     how = "prebuilt" if prebuilt else (
         f"JIT-built on first use with nvcc ({shutil.which('nvcc') or 'nvcc not on PATH'})")
     report.item(f"compatible: {'yes' if compatible else 'no'}; {how}")
+
+
+def main(a) -> int:
+    if not a.comm:
+        text, code = diagnose(hostfile=a.hostfile)
+        print(text.rstrip("\n"))
+        return code
+    from gptbench import diagnose_comm, results
+
+    try:
+        worlds = tuple(int(x) for x in a.comm_ranks.split(","))
+    except ValueError:
+        raise UserError(f"--comm-ranks: expected world sizes like 2,4, got '{a.comm_ranks}'") from None
+    if a.comm_threads is not None and a.comm_threads < 1:
+        raise UserError(f"--comm-threads: must be >= 1, got {a.comm_threads}")
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if os.path.exists(a.out) and os.path.isdir(a.out):
+        raise UserError(f"--out {a.out}: is a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {a.out}: cannot create {out_dir} ({e.strerror})") from None
+    data = diagnose_comm.measure_comm(worlds, a.comm_threads)
+    results.write_json_atomic(a.out, data)
+    print(diagnose_comm.format_comm(data), end="")
+    print(f"written: {a.out} (gptbench plan --comm-file {a.out})")
+    return 0

@@ -1,17 +1,22 @@
-"""One rank's measurements: parity probe, timed iterations, then one profiled batch.
+"""One rank's measurements: parity probe, timed iterations, then one profiled batch
+(gptbench/figures.py turns the gathered ranks into the record's derived figures).
 
-Communication is timed on a separate profiled batch after the timed iterations: its
-wrappers synchronise the device around every collective, which would perturb the timed
-numbers on a GPU. The pipeline's per-stage busy time is taken on that same batch.
+The time breakdown is taken on a separate profiled batch after the timed iterations: its
+tracker synchronises the device around every collective, which would perturb the timed
+numbers on a GPU. After it, the latency of each kind of collective the run makes is
+probed on the run's own groups (trackers/latency.py), for the predicted TPOT.
+The pipeline's per-stage busy time (PipeState.profile / busy_s) is taken on that same batch.
 """
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 
 import torch
 
-from gptbench import parity, progress, runner
+from gptbench import parity, progress, runner, sharding
+from gptbench.trackers import latency
 from gptbench.trackers.comm import CommTracker
 from gptbench.trackers.gpu_util import sampler_for
 from gptbench.trackers.memory import MemoryTracker
@@ -20,6 +25,25 @@ from gptbench.trackers.timing import synchronize
 
 def _barrier():
     torch.distributed.barrier()
+
+
+def schedule_of(cfg, pp: int) -> str:
+    """The pipeline schedule a run uses (topology.pipeline_schedule; flush where the
+    config has none); "none" without a pipeline."""
+    if pp <= 1:
+        return "none"
+    return getattr(cfg.topology, "pipeline_schedule", None) or "flush"
+
+
+def run_layout(plan) -> sharding.Layout:
+    """The sharding model of this run (one replica)."""
+    from gptbench.roofline import DTYPE_BYTES, ModelDims
+
+    w, g = plan.cfg.workload, plan.grid
+    dtype = str(plan.dtype).replace("torch.", "")
+    return sharding.layout(ModelDims.of(plan.model_dims), g.dp, g.tp, g.pp, plan.micro_batches,
+                           w.batch_size, w.input_len, w.output_len, DTYPE_BYTES[dtype],
+                           schedule_of(plan.cfg, g.pp), plan.cfg.topology.partition_method)
 
 
 def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) -> dict:
@@ -68,45 +92,91 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             # than the one timed). So such a batch runs eagerly, and is labelled so.
             eager = plan.compile_mode != "off" and plan.grid.tp > 1
             with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
-                out.update(_profile(gen, batches[0], cfg.workload.output_len, device, info))
+                out["profile"] = _profile(gen, batches[0], cfg.workload.output_len, device, info)
             out["profile_eager"] = eager
+            if eager:  # the compiled program's own step time, for the predicted TPOT
+                _barrier()
+                out["profile"]["compiled_marks_s"], _ = batch_marks(
+                    gen, batches[0], cfg.workload.output_len, device)
+            out["profile"]["schedule"] = schedule_of(cfg, plan.grid.pp)
+            out["profile"]["latency_s"] = probe_latencies(run_layout(plan), plan.grid, device)
     progress.phase("gathering results")
     return out
 
 
+def batch_marks(gen, ids, output_len: int, device) -> tuple[list[float], int]:
+    """Run one batch; return (marks, decode steps): the batch's start, the end of the
+    prefill (the start of the decode), then the end of each decode step, or only the
+    batch's end where the generator runs its own loop (`generate_timed`: the in-flight
+    pipeline, where micro-batches are at different steps; Hugging Face `generate`)."""
+    readings: list[float] = []
+    decode_hooks: list[float] = []
+
+    def clock() -> float:  # generate_batch reads: start, after prefill, after each step
+        readings.append(time.perf_counter())
+        return readings[-1]
+
+    def hook(point: str) -> None:  # the in-flight schedule calls "decode" once, at step 1
+        if point == "decode":
+            decode_hooks.append(time.perf_counter())
+
+    _, _, timing = runner.generate_batch(gen, ids, output_len, clock=clock,
+                                         sync=lambda: synchronize(device), hook=hook)
+    if not hasattr(gen, "generate_timed"):
+        return readings, output_len - 1
+    start, end = readings[0], readings[-1]
+    if decode_hooks:
+        decode_start = decode_hooks[0]
+    elif timing.ttft_s < timing.e2e_s:
+        decode_start = start + timing.ttft_s
+    else:
+        decode_start = end
+    return [start, decode_start, end], output_len - 1
+
+
 def _profile(gen, ids, output_len: int, device, info: dict) -> dict:
+    """One batch with every torch.distributed call logged (trackers/comm.py)."""
     state = info.get("pipe_state")
     _barrier()
+    clock_ref_s = time.perf_counter()  # just after the barrier: aligns hosts' clocks
     if state is not None:
         state.busy_s, state.profile = 0.0, True
-    with CommTracker(device) as comm:
-        synchronize(device)
-        start = time.perf_counter()
-        runner.generate_batch(gen, ids, output_len)
-        synchronize(device)
-        wall_s = time.perf_counter() - start
+    with CommTracker(device, log_calls=True) as comm:
+        marks, steps = batch_marks(gen, ids, output_len, device)
     if state is not None:
         state.profile = False
-    return {"comm_s": comm.seconds_total, "comm_by_op": {k: vars(v) for k, v in comm.by_op.items()},
-            "profile_wall_s": wall_s, "busy_s": state.busy_s if state is not None else None}
+    return {"host": socket.gethostname(), "clock_ref_s": clock_ref_s, "marks_s": marks,
+            "decode_steps": steps, "output_len": output_len,
+            "calls": [c.as_list() for c in comm.log],
+            "comm_by_op": {k: vars(v) for k, v in comm.by_op.items()},
+            "busy_s": state.busy_s if state is not None else None}
 
 
-def roofline(plan, model: dict, metrics: dict, env: dict):
-    """The record's `metrics.roofline` block and, where a figure is null, why."""
-    from gptbench import roofline as rl
-    from gptbench.plan import rank_fractions
+def _probe_keys(lay: sharding.Layout) -> list[tuple[str, int]]:
+    """(op, bytes) to probe: each kind of collective the run makes, at its smallest and
+    largest message (latency is interpolated between)."""
+    sizes: dict[str, set] = {}
+    for c in lay.collectives():
+        sizes.setdefault(c.op, set()).add(c.nbytes)
+    if lay.schedule == "in_flight":  # its busiest stage finds its inputs waiting
+        sizes["p2p_ready"] = sizes["p2p"]
+    return [(op, n) for op in sorted(sizes) for n in sorted({min(sizes[op]), max(sizes[op])})]
 
-    w, g = plan.cfg.workload, plan.grid
-    workload = {"dtype": str(plan.dtype).replace("torch.", ""), "batch_size": w.batch_size,
-                "input_len": w.input_len, "output_len": w.output_len}
-    device_name = env.get("device_name") if env.get("device") == "cuda" else None
-    dims = rl.ModelDims.of(model)
-    # The fullest rank: embeddings stay whole under AutoTP and heads split unevenly.
-    weight_share, kv_share = rank_fractions(dims, g.tp, g.pp, plan.cfg.topology.partition_method)
-    block = rl.roofline_block(model, workload, device_name, metrics["tpot_ms"]["p50"],
-                              weight_share, per_rank_kv_fraction=kv_share, dp=g.dp, pp=g.pp,
-                              micro_batches=plan.micro_batches)
-    reason = block.pop("reason", None)
-    if device_name is None:
-        reason = f"{env.get('device_name') or 'this CPU'}: no known peak memory bandwidth"
-    return block, reason
+
+def probe_latencies(lay: sharding.Layout, grid, device) -> dict:
+    """This rank's median seconds per probe, keyed "op:bytes" (None where it took no
+    part). Every rank runs the same probes in the same order (they are collective)."""
+    made: dict = {}
+    out = {}
+    world = [list(range(grid.world_size))]
+    for op, nbytes in _probe_keys(lay):
+        if op in ("p2p", "p2p_ready"):
+            pairs = [(grid.rank(0, d, t), grid.rank(1, d, t))
+                     for d in range(grid.dp) for t in range(grid.tp)]
+            value = latency.probe_p2p(pairs, nbytes, device, ready=op == "p2p_ready")
+        else:
+            groups = {"all_reduce": grid.tp_groups(), "broadcast": grid.pp_groups(),
+                      "barrier": world}[op]
+            value = latency.probe_group_op(op, groups, nbytes, device, made=made)
+        out[f"{op}:{nbytes}"] = value
+    return out

@@ -154,9 +154,6 @@ def aggregate_metrics(ranks: list[dict], grid, micro_batches: int) -> tuple[dict
                               "kind": ranks[0]["memory_kind"]},
         "peak_reserved_bytes": None,
         "gpu_utilization_pct": None,
-        "comm_fraction": None,
-        "comm_fraction_per_rank": None,
-        "bubble_fraction": None,
         "roofline": None,
     }
     reasons.update({f"metrics.{key}": DERIVED for key in DERIVED_KEYS})
@@ -173,44 +170,15 @@ def aggregate_metrics(ranks: list[dict], grid, micro_batches: int) -> tuple[dict
     else:
         reasons["metrics.gpu_utilization_pct"] = next(
             r["gpu_util_reason"] for r in ranks if r["gpu_util_pct"] is None)
-    profiled = [r for r in ranks if r.get("profile_wall_s")]
-    if len(profiled) == len(ranks):
-        fractions = [r["comm_s"] / r["profile_wall_s"] for r in ranks]
-        metrics["comm_fraction"] = sum(fractions) / len(fractions)
-        metrics["comm_fraction_per_rank"] = fractions
-        if grid.pp > 1:
-            busy = [r["busy_s"] / r["profile_wall_s"] for r in ranks]
-            metrics["bubble_fraction"] = {
-                "measured": 1 - sum(busy) / len(busy),
-                "theory": (grid.pp - 1) / (micro_batches + grid.pp - 1),
-                "stage_busy_fraction": busy,
-            }
-        else:
-            reasons["metrics.bubble_fraction"] = "no pipeline (pp=1)"
-    else:
-        reasons["metrics.comm_fraction"] = "communication profiling is off (engine.profile_comm)"
-        reasons["metrics.bubble_fraction"] = "communication profiling is off (engine.profile_comm)"
+    from gptbench import figures  # time breakdown and bubble (the model side's aggregation)
+    metrics.update(figures.profile_metrics(ranks, grid, micro_batches, reasons))
     return metrics, reasons
 
 
 def aggregate_parity(ranks: list[dict]) -> dict | None:
-    """Every rank checks its tokens; logits exist where the rank computes them."""
-    checks = [r["parity"] for r in ranks if r.get("parity")]
-    if not checks:
-        return None
-    diffs = [c["max_abs_logit_diff"] for c in checks if c["max_abs_logit_diff"] is not None]
-    return {
-        "reference": checks[0]["reference"],
-        "tokens_match": all(c["tokens_match"] for c in checks),
-        "token_match_rate": sum(c["token_match_rate"] for c in checks) / len(checks),
-        "max_abs_logit_diff": max(diffs) if diffs else None,
-        "tolerance": checks[0]["tolerance"],
-        "passed": all(c["passed"] for c in checks),
-        "samples": sum(r["parity"]["samples"] for r in ranks if r["is_output"] and r["parity"]),
-        "tokens": checks[0]["tokens"],
-        "ranks_checked": len(checks),
-        "ranks_tokens_match": [c["tokens_match"] for c in checks],
-    }
+    """Every rank checks its tokens; only ranks that hold logits count (parity.aggregate)."""
+    from gptbench import parity
+    return parity.aggregate(ranks)
 
 
 

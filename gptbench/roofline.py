@@ -9,15 +9,16 @@ GB/s in the output is 1e9 bytes/s as vendors quote it; memory sizes are binary (
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gptbench.errors import UserError
+from gptbench.sharding import Layout
 
 GiB = 2 ** 30
 
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
-               "half": 2}
+# The config's vocabulary (workload.dtype), the only one plan and the record speak.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,23 @@ def match_device(name: str) -> DeviceSpec | None:
 
 def dtype_bytes(dtype: str) -> int:
     if dtype not in DTYPE_BYTES:
-        raise UserError(f"dtype '{dtype}' has no known size (known: {', '.join(DTYPE_BYTES)})")
+        raise UserError(f"dtype '{dtype}' is not one of {', '.join(DTYPE_BYTES)}")
     return DTYPE_BYTES[dtype]
+
+
+def custom_device(memory_gib: float, bandwidth_gbps: float, name: str = "custom GPU",
+                  base: DeviceSpec | None = None) -> DeviceSpec:
+    """A card gptbench does not list (or a listed one with other figures): memory in GiB
+    as nvidia-smi shows it, bandwidth in GB/s (1e9 bytes/s) as datasheets quote it."""
+    for key, value in (("--gpu-memory-gib", memory_gib), ("--gpu-bandwidth-gbps", bandwidth_gbps)):
+        if value is not None and not value > 0:
+            raise UserError(f"{key}: must be positive, got {value}")
+    return DeviceSpec(
+        key=base.key if base else "custom", name=base.name if base else name,
+        memory_bandwidth_bytes_per_s=(bandwidth_gbps * 1e9 if bandwidth_gbps is not None
+                                      else base.memory_bandwidth_bytes_per_s),
+        fp16_dense_flops_per_s=base.fp16_dense_flops_per_s if base else float("nan"),
+        memory_bytes=int(memory_gib * GiB) if memory_gib is not None else base.memory_bytes)
 
 
 @dataclass(frozen=True)
@@ -144,31 +160,10 @@ def non_embedding_params(model: ModelDims) -> int:
     return model.params - embeddings - lm_head
 
 
-def weight_bytes(params: int, dtype_bytes: int) -> int:
-    return params * dtype_bytes
-
-
 def kv_bytes_per_token(model: ModelDims, dtype_bytes: int) -> int:
     """K and V, n_embd wide, in every layer, for one token of one sequence.
     GPT-2 XL fp16: 2 * 48 * 1600 * 2 = 307,200 bytes."""
     return 2 * model.n_layer * model.n_embd * dtype_bytes
-
-
-def mean_decode_context(input_len: int, output_len: int) -> float:
-    """Mean tokens a decode step attends over. Token 0 comes from prefill; decode step
-    j = 1..output_len-1 attends over input_len + j positions, whose mean is this (the
-    bytes are linear in context, so the mean step reads the mean bytes)."""
-    return input_len + output_len / 2
-
-
-def decode_bytes_per_step(model: ModelDims, batch: int, context_len: float, dtype_bytes: int,
-                          weight_fraction: float = 1.0, kv_fraction: float = 1.0) -> float:
-    """Bytes one rank reads in a decode step: its share of the weights plus its share of
-    the KV of `batch` sequences at `context_len`. Activations and logits (~batch*vocab*2 B)
-    are left out: < 0.1% for GPT-2 XL."""
-    weights = weight_fraction * weight_bytes(model.params, dtype_bytes)
-    kv = kv_fraction * batch * context_len * kv_bytes_per_token(model, dtype_bytes)
-    return weights + kv
 
 
 def prefill_flops(model: ModelDims, batch: int, input_len: int,
@@ -186,80 +181,152 @@ def prefill_flops(model: ModelDims, batch: int, input_len: int,
     return tokens * per_token + logit_positions * 2 * model.n_embd * model.vocab_size
 
 
-def decode_bound_tokens_per_s(device: DeviceSpec, model: ModelDims, batch: int,
-                              input_len: int, output_len: int, dtype_bytes: int) -> float:
-    """Memory-bandwidth ceiling of one replica's decode: batch tokens per step, a step
-    no faster than its bytes / peak bandwidth, averaged over the decode steps.
-    GPT-2 XL fp16, batch 4, 256->64: ~876 tokens/s on an RTX 3080, ~3,863 on an H100 SXM."""
-    step_bytes = decode_bytes_per_step(model, batch, mean_decode_context(input_len, output_len),
-                                       dtype_bytes)
-    return batch * device.memory_bandwidth_bytes_per_s / step_bytes
+def token_time_s(tick_s: Sequence[float], micro_batches: int = 1, schedule: str = "flush",
+                 hop_s: float = 0.0, step_sync_s: float = 0.0, back_s: float | None = None,
+                 ready_s: Sequence[float] | None = None) -> float:
+    """Time between two tokens of one sequence. `tick_s`: per pipeline stage, the time its
+    slowest rank needs to push one micro-batch one decode step through its layers (one
+    element when unpipelined); `hop_s`: receiving one micro-batch from the previous stage,
+    paid by the receiving stage on every tick (a receive costs its latency even when the
+    data is already there); `back_s`: the in-flight ring's new tokens, received by the first
+    stage (default: a hop); `step_sync_s`: what a step adds once (flush: eval_batch's
+    barrier, the token broadcast); `ready_s`: in flight, per stage, what a receive costs
+    when its input is already waiting (the busiest stage's case; default: hop / back).
+
+    - flush (one `eval_batch` per token): m identical jobs through a flow shop take
+      sum(ticks) + (m-1)*max(ticks); equal ticks t give (m+p-1)*t, so the bubble is
+      (p-1)/(m+p-1).
+    - in_flight (m >= p micro-batches circulate): a sequence's next token waits for a lap
+      of the ring (every stage's tick) or for the busiest stage to serve all m
+      micro-batches, whichever is longer: the pipeline fills once per generation, bubble
+      (p-1)/(N*m+p-1) over N tokens."""
+    p, m = len(tick_s), micro_batches
+    if p == 1:
+        return m * tick_s[0] + step_sync_s
+    back = hop_s if back_s is None else back_s
+    if schedule == "in_flight":
+        ready = ready_s or [back if s == 0 else hop_s for s in range(p)]
+        busy = [t + r for t, r in zip(tick_s, ready)]
+        lap = sum(tick_s) + (p - 1) * hop_s + back
+        return max(m * max(busy), lap) + step_sync_s
+    busy = [t + (hop_s if s > 0 else 0.0) for s, t in enumerate(tick_s)]
+    return sum(busy) + (m - 1) * max(busy) + step_sync_s
+
+
+def bubble_theory(pp: int, micro_batches: int, schedule: str, tokens: int) -> float | None:
+    """Idle share of a pipeline stage with equal ticks: flush (p-1)/(m+p-1) per token;
+    in_flight (p-1)/(N*m+p-1) over a generation of N = output_len forward passes."""
+    if pp <= 1:
+        return None
+    if schedule == "in_flight":
+        return (pp - 1) / (tokens * micro_batches + pp - 1)
+    return (pp - 1) / (micro_batches + pp - 1)
 
 
 def decode_step_bound_s(device: DeviceSpec, stages: Sequence[tuple[float, float]],
-                        micro_batches: int = 1) -> float:
-    """Fastest possible decode step of one replica. `stages`: (weight bytes, KV bytes of
-    the whole batch) of each pipeline stage's slowest rank; one stage when unpipelined.
-
-    A pipeline step is one `eval_batch`: m micro-batches flow through the stages; a tick
-    of stage s reads its weights and one micro-batch's KV. m identical jobs through a flow
-    shop take sum(ticks) + (m-1)*max(ticks); equal ticks t give (m+p-1)*t.
-    Tensor-parallel all-reduces are not modelled (they only add time)."""
+                        micro_batches: int = 1, schedule: str = "flush") -> float:
+    """Fastest possible time per token of one replica when reading bytes is all it does.
+    `stages`: (weight bytes read per micro-batch, KV bytes of the whole batch) of each
+    stage's slowest rank; a tick reads its weights and one micro-batch's KV.
+    Communication is added by the caller (predicted TPOT), not here."""
     ticks_s = [(weights + kv / micro_batches) / device.memory_bandwidth_bytes_per_s
                for weights, kv in stages]
-    return sum(ticks_s) + (micro_batches - 1) * max(ticks_s)
+    return token_time_s(ticks_s, micro_batches, schedule)
 
 
-def _field(obj, key):
-    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+def layout_bound_s(device: DeviceSpec, lay: Layout) -> float:
+    """The bandwidth bound of a sharding layout (sharding.Layout), per its schedule."""
+    ticks_s = [b / lay.micro_batches / device.memory_bandwidth_bytes_per_s
+               for b in lay.stage_step_bytes()]
+    return token_time_s(ticks_s, lay.micro_batches, lay.schedule)
 
 
-def roofline_block(model_dims, workload, device_name: str | None,
-                   measured_tpot_ms_p50: float | None, per_rank_weight_fraction: float = 1.0,
-                   *, per_rank_kv_fraction: float | None = None, dp: int = 1, pp: int = 1,
-                   micro_batches: int = 1) -> dict:
+def roofline_block(lay: Layout, device_name: str | None,
+                   measured_tpot_ms_p50: float | None, device: DeviceSpec | None = None) -> dict:
     """The run record's `metrics.roofline`, for the slowest rank of one replica.
 
-    `workload` has batch_size (per replica), input_len, output_len and a resolved dtype;
-    the fractions are that rank's share of weights and of KV (plan.rank_fractions).
-    bytes_per_decode_step counts a pipeline stage's weights once per micro-batch.
-    achieved_gbps = bytes_per_decode_step / measured TPOT; predicted_tokens_per_s is the
-    bandwidth bound of all `dp` replicas together. Unknown values are None, and
-    `reason` says why."""
+    bytes_per_decode_step: what that rank reads in one decode step (its weights once per
+    micro-batch, embedding rows gathered, the KV of its heads at the mean context);
+    achieved_gbps = bytes / measured TPOT; predicted_tokens_per_s is the bandwidth bound of
+    all `dp` replicas together. Unknown values are None, and `reason` says why."""
     out = dict.fromkeys(("bytes_per_decode_step", "prefill_flops", "device_peak_gbps",
                          "achieved_gbps", "fraction_of_peak", "predicted_tokens_per_s"))
     reasons = []
-    dtype = _field(workload, "dtype")
-    if dtype not in DTYPE_BYTES:
-        out["reason"] = f"dtype '{dtype}' has no known size"
-        return out
-    try:
-        model = ModelDims.of(model_dims)
-    except UserError as e:
-        out["reason"] = str(e)
-        return out
-    nbytes = DTYPE_BYTES[dtype]
-    batch = _field(workload, "batch_size")
-    input_len, output_len = _field(workload, "input_len"), _field(workload, "output_len")
-    kv_fraction = per_rank_weight_fraction if per_rank_kv_fraction is None else per_rank_kv_fraction
-    rank_weights = per_rank_weight_fraction * weight_bytes(model.params, nbytes)
-    rank_kv = (kv_fraction * batch * mean_decode_context(input_len, output_len)
-               * kv_bytes_per_token(model, nbytes))
-    out["bytes_per_decode_step"] = micro_batches * rank_weights + rank_kv
-    out["prefill_flops"] = prefill_flops(model, batch, input_len)
+    out["bytes_per_decode_step"] = lay.decode_step_bytes(lay.slowest())
+    out["prefill_flops"] = prefill_flops(lay.model, lay.batch_size, lay.input_len)
     if measured_tpot_ms_p50:
         out["achieved_gbps"] = out["bytes_per_decode_step"] / (measured_tpot_ms_p50 / 1e3) / 1e9
     else:
         reasons.append("no measured TPOT")
-    device = match_device(device_name)
+    device = device or match_device(device_name)
     if device is None:
         reasons.append(f"device '{device_name}' has no known peak bandwidth")
     else:
         out["device_peak_gbps"] = device.memory_bandwidth_bytes_per_s / 1e9
-        # Only this rank is known: stages taken as balanced.
-        step_s = decode_step_bound_s(device, [(rank_weights, rank_kv)] * pp, micro_batches)
-        out["predicted_tokens_per_s"] = dp * batch / step_s
+        out["predicted_tokens_per_s"] = lay.dp * lay.batch_size / layout_bound_s(device, lay)
         if out["achieved_gbps"] is not None:
             out["fraction_of_peak"] = out["achieved_gbps"] / out["device_peak_gbps"]
     out["reason"] = "; ".join(reasons) or None
     return out
+
+
+LatencyUs = Callable[[str, int, int], "float | None"]  # (op, group size, bytes) -> µs
+
+
+def _ready_receive_s(lay: Layout, collectives: list[dict], latency_us: LatencyUs) -> list[float]:
+    """In flight, per stage and micro-batch, what its receive costs when the input is
+    already waiting (`p2p_ready`; else the plain p2p latency): the first stage receives the
+    new tokens (back), the others the hidden states (hop)."""
+    hops, m = max(1, (lay.pp - 1) * lay.micro_batches), lay.micro_batches
+
+    def receive_s(where: str) -> float:
+        return sum(1e-6 * (latency_us("p2p_ready", 2, c["bytes"]) or c["latency_us"] or 0.0)
+                   * c["per_step"] / (hops if where == "hop" else m)
+                   for c in collectives if c["where"] == where)
+
+    return [receive_s("back") if s == 0 else receive_s("hop") for s in range(lay.pp)]
+
+
+def predict_tpot(lay: Layout, stage_compute_s: Sequence[float], latency_us: LatencyUs | None,
+                 compute_source: str, latency_source: str) -> dict:
+    """`metrics.predicted` / plan's TPOT: the compute of each stage (its slowest rank, one
+    decode step of the whole replica batch, communication excluded) pushed through the
+    schedule (token_time_s), plus every collective of the step (sharding.Layout
+    .collectives) at its latency. A collective whose latency is unknown counts 0 and is
+    named in `unknown_latency`."""
+    m, unknown = lay.micro_batches, []
+    collectives = []
+    for c in lay.collectives():
+        value = latency_us(c.op, c.group_size, c.nbytes) if latency_us else None
+        if value is None:
+            unknown.append(f"{c.op} on {c.group} ({c.nbytes} B)")
+        collectives.append({**c.as_dict(), "latency_us": value})
+    seconds = lambda c: (c["latency_us"] or 0.0) * 1e-6  # noqa: E731
+    tick_s = [compute / m for compute in stage_compute_s]
+    for c in collectives:
+        if c["where"] == "tick":
+            tick_s[c["stage"]] += c["per_step"] / m * seconds(c)
+    hops = max(1, (lay.pp - 1) * m)
+    hop_s = sum(c["per_step"] / hops * seconds(c) for c in collectives if c["where"] == "hop")
+    back = [c["per_step"] / m * seconds(c) for c in collectives if c["where"] == "back"]
+    step_s = sum(c["per_step"] * seconds(c) for c in collectives if c["where"] == "step")
+    ready_s = (_ready_receive_s(lay, collectives, latency_us)
+               if lay.schedule == "in_flight" and latency_us else None)
+    tpot_s = token_time_s(tick_s, m, lay.schedule, hop_s, step_s, sum(back) if back else None,
+                          ready_s)
+    compute_only_s = token_time_s([c / m for c in stage_compute_s], m, lay.schedule)
+    return {
+        "tpot_ms": tpot_s * 1e3,
+        "compute_ms_per_step": [c * 1e3 for c in stage_compute_s],
+        "compute_source": compute_source,
+        "ready_receive_ms": None if ready_s is None else [r * 1e3 for r in ready_s],
+        "comm_ms_per_token": (tpot_s - compute_only_s) * 1e3,
+        "collectives": collectives,
+        "latency_source": latency_source,
+        "unknown_latency": unknown or None,
+        "schedule": lay.schedule, "micro_batches": m, "pp": lay.pp, "tp": lay.tp,
+        "model": "roofline.token_time_s: tick = compute/m + tensor all-reduces; flush: a "
+                 "stage's tick also pays its receive, token = sum(ticks) + (m-1) max(tick) + "
+                 "barrier + token broadcast; in_flight = max(m x (tick + receive of an input "
+                 "already waiting: p2p_ready), a lap of the ring)",
+    }

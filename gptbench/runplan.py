@@ -14,7 +14,8 @@ import torch
 
 from gptbench.config import RunConfig
 from gptbench.errors import UserError
-from gptbench.topology import Grid, check_against_model, make_grid
+from gptbench import topology
+from gptbench.topology import Grid, check_against_model, make_grid, micro_batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -203,13 +204,7 @@ def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
     if t.pipe_topology == "PipeDataParallelTopology" and grid.tp > 1:
         raise UserError(f"topology.pipe_topology: PipeDataParallelTopology has no model axis "
                         f"for tp={grid.tp}; use PipeModelDataParallelTopology or auto")
-    if grid.pp == 1 and t.micro_batches not in (None, 1):
-        raise UserError(f"topology.micro_batches={t.micro_batches} applies to pipelines only "
-                        f"({cfg.strategy} has pp=1)")
-    m = t.micro_batches or (min(grid.pp, w.batch_size) if grid.pp > 1 else 1)
-    if w.batch_size % m:
-        raise UserError(f"workload.batch_size={w.batch_size} is not divisible by "
-                        f"topology.micro_batches={m}")
+    m = micro_batches(grid, w.batch_size, t.micro_batches)  # the rule plan uses too
     if e.cuda_graph:
         # DeepSpeed's InferenceEngine (_create_cuda_graph/_graph_replay) records the first
         # forward's shapes and replays that graph for every later call.
@@ -277,9 +272,6 @@ def resolve_compile(cfg: RunConfig, device_type: str) -> str:
 
 
 def check_schedule(cfg: RunConfig, grid: Grid, micro_batches: int) -> None:
-    """The in-flight pipeline schedule needs a micro-batch for every stage to keep busy."""
-    if grid.pp > 1 and cfg.topology.pipeline_schedule == "in_flight" and micro_batches < grid.pp:
-        raise UserError(
-            f"topology.pipeline_schedule=in_flight needs micro_batches >= pp: {micro_batches} "
-            f"micro-batch(es) cannot keep {grid.pp} stages busy (raise workload.batch_size / "
-            f"topology.micro_batches, or use topology.pipeline_schedule=flush)")
+    """The in-flight pipeline schedule needs a micro-batch for every stage to keep busy
+    (topology.check_schedule: the rule gptbench plan applies too)."""
+    topology.check_schedule(cfg.topology.pipeline_schedule, grid, micro_batches)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gptbench.config import STRATEGIES
 from gptbench.errors import NotApplicable, UserError
 
 DEFAULT_DEGREE = 2  # tp=2 for tensor_data_hybrid, pp=2 for pipelines (docs/deepspeed-notes.md)
@@ -95,3 +96,50 @@ def check_against_model(grid: Grid, n_head: int, n_layer: int) -> None:
         raise UserError(f"topology.tp={grid.tp} exceeds the model's n_head={n_head}")
     if grid.pp > n_layer:
         raise UserError(f"topology.pp={grid.pp} exceeds the model's {n_layer} blocks")
+
+
+def applicable_grids(world_size: int, n_head: int, n_layer: int) -> list[tuple[str, Grid]]:
+    """Every (strategy, grid) that `make_grid` and `check_against_model` accept on
+    `world_size` ranks for some explicit degrees: what `gptbench run` would run, in the
+    order strategy, tp, pp. `gptbench plan` lists exactly these."""
+    if world_size < 1:
+        raise UserError(f"gpus must be >= 1, got {world_size}")
+    degrees = [None] + [k for k in range(1, world_size + 1) if world_size % k == 0]
+    out, seen = [], set()
+    for strategy in STRATEGIES:
+        for tp in degrees:
+            for pp in degrees:
+                try:
+                    grid = make_grid(strategy, world_size, tp, pp)
+                    check_against_model(grid, n_head, n_layer)
+                except (UserError, NotApplicable):
+                    continue
+                if (strategy, grid) not in seen:
+                    seen.add((strategy, grid))
+                    out.append((strategy, grid))
+    return sorted(out, key=lambda sg: (STRATEGIES.index(sg[0]), sg[1].tp, sg[1].pp))
+
+
+def micro_batches(grid: Grid, batch_size: int, requested: int | None) -> int:
+    """Micro-batches per pipeline step: the requested number, else pp (enough to fill the
+    pipeline), never more than the batch; the batch must divide by it (eval_batch splits
+    it evenly). 1 without a pipeline."""
+    if grid.pp == 1:
+        if requested not in (None, 1):
+            raise UserError(f"topology.micro_batches={requested} applies to pipelines only "
+                            f"(pp=1 here)")
+        return 1
+    m = requested or min(grid.pp, batch_size)
+    if batch_size % m:
+        raise UserError(f"workload.batch_size={batch_size} is not divisible by "
+                        f"topology.micro_batches={m}")
+    return m
+
+
+def check_schedule(schedule: str, grid: Grid, m: int) -> None:
+    """The in-flight pipeline schedule needs a micro-batch for every stage to keep busy."""
+    if grid.pp > 1 and schedule == "in_flight" and m < grid.pp:
+        raise UserError(
+            f"topology.pipeline_schedule=in_flight needs micro_batches >= pp: {m} "
+            f"micro-batch(es) cannot keep {grid.pp} stages busy (raise workload.batch_size / "
+            f"topology.micro_batches, or use topology.pipeline_schedule=flush)")

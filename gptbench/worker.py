@@ -157,7 +157,7 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
 
 
 def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -> dict:
-    from gptbench import envinfo, measure
+    from gptbench import envinfo, figures
 
     model = {**plan.model_dims, "params": info["params"]}
     record = results.skeleton(plan.cfg, plan.grid.world_size, plan.grid, model,
@@ -177,9 +177,7 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["engine"]["compile"] = plan.compile_mode
     record["topology"]["pipeline_schedule"] = info.get("pipeline_schedule")
     metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
-    metrics["roofline"], roof_reason = measure.roofline(plan, model, metrics, record["env"])
-    if roof_reason:
-        reasons["metrics.roofline.fraction_of_peak"] = roof_reason
+    figures.model_metrics(plan, ranks, metrics, record["env"], reasons)
     metrics.update(compile_metrics(ranks, plan.compile_mode, reasons))
     record["metrics"], record["null_reasons"] = metrics, reasons
     record["parity"] = results.aggregate_parity(ranks)

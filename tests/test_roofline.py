@@ -3,11 +3,13 @@ import pytest
 import torch
 
 from gptbench.errors import UserError
-from gptbench.roofline import (DEVICES, ModelDims, decode_bound_tokens_per_s,
-                               decode_bytes_per_step, decode_step_bound_s, dtype_bytes,
-                               gpt2_params, kv_bytes_per_token, match_device,
-                               mean_decode_context, non_embedding_params, prefill_flops,
-                               roofline_block, weight_bytes)
+from gptbench import sharding
+from gptbench.sharding import mean_decode_context
+from gptbench.roofline import (DEVICES, ModelDims, bubble_theory, custom_device,
+                               decode_step_bound_s, dtype_bytes, gpt2_params,
+                               kv_bytes_per_token, layout_bound_s, match_device,
+                               non_embedding_params, predict_tpot,
+                               prefill_flops, roofline_block, token_time_s)
 
 XL_SIZES = dict(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, n_positions=1024)
 XL = ModelDims(**XL_SIZES, params=1_557_611_200)
@@ -43,28 +45,29 @@ def test_model_dims_of_mapping_computes_params():
 
 def test_bytes():
     assert kv_bytes_per_token(XL, FP16) == 307_200
-    assert weight_bytes(XL.params, FP16) == 3_115_222_400
     assert dtype_bytes("bfloat16") == 2 and dtype_bytes("float32") == 4
-    with pytest.raises(UserError, match="int3"):
-        dtype_bytes("int3")
+    for alias in ("int3", "fp16", "half"):  # one vocabulary: the config's
+        with pytest.raises(UserError, match="is not one of float32, bfloat16, float16"):
+            dtype_bytes(alias)
 
 
-def test_decode_bytes_per_step():
-    # 3,115,222,400 weights + 4 sequences * 288 tokens * 307,200
+def one_gpu(batch=4):
+    return sharding.layout(XL, 1, 1, 1, 1, batch, 256, 64, FP16)
+
+
+def test_one_gpu_decode_bytes_and_bound():
+    # Blocks, ln_f, the tied lm_head (= wte, read whole by the logits matmul), 4 + 4
+    # gathered embedding rows, and the KV of 4 sequences at the mean context 288.
     assert mean_decode_context(256, 64) == 288
-    assert decode_bytes_per_step(XL, 4, 288, FP16) == 3_115_222_400 + 4 * 288 * 307_200
-    half = decode_bytes_per_step(XL, 4, 288, FP16, weight_fraction=0.5, kv_fraction=0.25)
-    assert half == 3_115_222_400 / 2 + 4 * 288 * 307_200 / 4
-
-
-@pytest.mark.parametrize("device,design_tokens_per_s", [("rtx3080", 877), ("h100", 3870)])
-def test_decode_bound_matches_design(device, design_tokens_per_s):
-    spec = DEVICES[device]
-    bound = decode_bound_tokens_per_s(spec, XL, batch=4, input_len=256, output_len=64,
-                                      dtype_bytes=FP16)
-    hand = 4 * spec.memory_bandwidth_bytes_per_s / (3_115_222_400 + 4 * 288 * 307_200)
-    assert bound == pytest.approx(hand, rel=1e-12)
-    assert bound == pytest.approx(design_tokens_per_s, rel=0.01)
+    weights = 48 * (12 * 1600 ** 2 + 13 * 1600) + 2 * 1600 + 50257 * 1600 + 8 * 1600
+    lay = one_gpu()
+    step = 2 * weights + 4 * 288 * 307_200
+    assert lay.decode_step_bytes(lay.ranks[0]) == step
+    for device, design_tokens_per_s in (("rtx3080", 877), ("h100", 3870)):
+        spec = DEVICES[device]
+        bound = 4 / layout_bound_s(spec, lay)
+        assert bound == pytest.approx(4 * spec.memory_bandwidth_bytes_per_s / step, rel=1e-12)
+        assert bound == pytest.approx(design_tokens_per_s, rel=0.01)
 
 
 def test_prefill_flops():
@@ -86,6 +89,53 @@ def test_flow_shop_step_bound():
     step = decode_step_bound_s(spec, [(90.0, 30.0), (150.0, 30.0)], 3)
     assert step == pytest.approx((100 + 160 + 2 * 160) / bw)
     assert decode_step_bound_s(spec, [(7.0, 3.0)]) == pytest.approx(10 / bw)
+
+
+def test_token_time_of_both_schedules():
+    # flush: every stage but the first receives first; sum(ticks) + (m-1) max tick + once.
+    assert token_time_s([1.0, 2.0], 3, "flush", hop_s=0.5, step_sync_s=0.25) == 1 + 2.5 + 2 * 2.5 + 0.25
+    # in flight: the busiest stage serves m micro-batches, or a lap of the ring is longer;
+    # the first stage receives the new tokens (back), the others the hidden states (hop).
+    assert token_time_s([1.0, 2.0], 3, "in_flight", hop_s=0.5) == 3 * 2.5
+    assert token_time_s([1.0, 1.0], 2, "in_flight", hop_s=1.0, back_s=0.5) == 2 * 2.0
+    assert token_time_s([1.0, 1.0, 1.0], 2, "in_flight", hop_s=1.0) == 3 * 2.0  # the lap
+    # Equal ticks t, m = p = 2: flush 3t, in flight 2t; one stage: m ticks.
+    assert token_time_s([1.0, 1.0], 2, "flush") == 3.0
+    assert token_time_s([1.0, 1.0], 2, "in_flight") == 2.0
+    assert token_time_s([1.5], 1, "none", step_sync_s=0.5) == 2.0
+
+
+def test_bubble_theory_of_both_schedules():
+    assert bubble_theory(2, 2, "flush", 64) == pytest.approx(1 / 3)
+    assert bubble_theory(2, 2, "in_flight", 64) == pytest.approx(1 / 129)  # ~1% (issue 15)
+    assert bubble_theory(4, 8, "flush", 8) == pytest.approx(3 / 11)
+    assert bubble_theory(1, 1, "flush", 8) is None
+
+
+def test_predicted_tpot_adds_collectives_at_their_latency():
+    tp2 = sharding.layout(XL, 1, 2, 1, 1, 4, 256, 64, FP16)
+    latency = lambda op, group_size, nbytes: 100.0 if nbytes < 100_000 else 300.0  # noqa: E731
+    out = predict_tpot(tp2, [0.002], latency, "given", "test")
+    # 96 block all-reduces of 12.8 kB at 100 µs + the lm_head's 402 kB logits at 300 µs.
+    assert out["comm_ms_per_token"] == pytest.approx(96 * 0.1 + 0.3)
+    assert out["tpot_ms"] == pytest.approx(2.0 + 9.6 + 0.3)
+    assert out["unknown_latency"] is None
+    flush = sharding.layout(XL, 1, 1, 2, 2, 4, 256, 64, FP16)
+    out = predict_tpot(flush, [0.004, 0.004], lambda *a: 10.0, "given", "test")
+    tick = 0.002  # 4 ms of compute per step over 2 micro-batches
+    hop = 2 * 10e-6  # metadata, hidden: stage 1 receives them on each of its ticks
+    assert out["tpot_ms"] == pytest.approx(1e3 * (tick + 2 * (tick + hop) + 2 * 10e-6))
+    out = predict_tpot(flush, [0.004, 0.004], None, "given", "none")
+    assert out["comm_ms_per_token"] == 0 and "barrier on world (0 B)" in out["unknown_latency"]
+
+
+def test_custom_device():
+    card = custom_device(24, 936, "RTX 3090")
+    assert card.memory_bytes == 24 * 2 ** 30 and card.memory_bandwidth_bytes_per_s == 936e9
+    h100 = custom_device(None, 2000, base=DEVICES["h100"])
+    assert h100.memory_bytes == DEVICES["h100"].memory_bytes
+    with pytest.raises(UserError, match="--gpu-bandwidth-gbps"):
+        custom_device(24, 0)
 
 
 @pytest.mark.parametrize("name,key", [
@@ -133,12 +183,10 @@ def test_device_table_units():
     assert DEVICES["a100-80gb-pcie"].memory_bandwidth_bytes_per_s == 1935e9
 
 
-WORKLOAD = {"dtype": "float16", "batch_size": 4, "input_len": 256, "output_len": 64}
-
-
 def test_roofline_block_on_known_device():
-    step_bytes = 3_115_222_400 + 4 * 288 * 307_200
-    block = roofline_block(XL_SIZES, WORKLOAD, "NVIDIA GeForce RTX 3080", 5.0, 1.0)
+    lay = one_gpu()
+    step_bytes = lay.decode_step_bytes(lay.ranks[0])
+    block = roofline_block(lay, "NVIDIA GeForce RTX 3080", 5.0)
     assert block["bytes_per_decode_step"] == step_bytes
     assert block["achieved_gbps"] == pytest.approx(step_bytes / 5e-3 / 1e9)
     assert block["device_peak_gbps"] == 760.0
@@ -149,7 +197,7 @@ def test_roofline_block_on_known_device():
 
 
 def test_roofline_block_unknown_device_is_null_with_reason():
-    block = roofline_block(XL_SIZES, WORKLOAD, "cpu", 50.0)
+    block = roofline_block(one_gpu(), "cpu", 50.0)
     assert block["device_peak_gbps"] is None
     assert block["fraction_of_peak"] is None
     assert block["predicted_tokens_per_s"] is None
@@ -157,19 +205,29 @@ def test_roofline_block_unknown_device_is_null_with_reason():
     assert "cpu" in block["reason"]
 
 
-def test_roofline_block_without_tpot_or_dtype():
-    block = roofline_block(XL_SIZES, WORKLOAD, "h100", None)
+def test_roofline_block_without_tpot():
+    block = roofline_block(one_gpu(), "h100", None)
     assert block["achieved_gbps"] is None and block["fraction_of_peak"] is None
     assert block["predicted_tokens_per_s"] is not None
     assert "TPOT" in block["reason"]
-    block = roofline_block(XL_SIZES, {**WORKLOAD, "dtype": "auto"}, "h100", 5.0)
-    assert block["bytes_per_decode_step"] is None and "auto" in block["reason"]
 
 
 def test_roofline_block_pipeline_reads_weights_per_micro_batch():
-    # A stage with half the weights and half the KV, 2 micro-batches, 2 stages.
-    block = roofline_block(XL_SIZES, WORKLOAD, "rtx3080", 5.0, 0.5, pp=2, micro_batches=2)
-    weights, kv = 3_115_222_400 / 2, 4 * 288 * 307_200 / 2
-    assert block["bytes_per_decode_step"] == pytest.approx(2 * weights + kv)
-    step_s = 3 * (weights + kv / 2) / 760e9
-    assert block["predicted_tokens_per_s"] == pytest.approx(4 / step_s)
+    lay = sharding.layout(XL, 2, 1, 2, 2, 4, 256, 64, FP16, partition_method="uniform")
+    block = roofline_block(lay, "rtx3080", 5.0)
+    stage0 = lay.ranks[0]
+    assert block["bytes_per_decode_step"] == lay.decode_step_bytes(lay.slowest())
+    assert lay.decode_step_bytes(stage0) == pytest.approx(
+        2 * 2 * (24 * (12 * 1600 ** 2 + 13 * 1600) + 2 * 2 * 1600) + 4 * 288 * 307_200 / 2)
+    ticks = [b / 2 / 760e9 for b in lay.stage_step_bytes()]
+    assert block["predicted_tokens_per_s"] == pytest.approx(2 * 4 / (sum(ticks) + max(ticks)))
+
+
+def test_in_flight_busiest_stage_pays_a_waiting_inputs_receive():
+    # p2p issued together: 10 µs; a receive whose input was already waiting: 300 µs.
+    lay = sharding.layout(XL, 1, 1, 2, 2, 4, 256, 64, FP16, "in_flight")
+    latency = lambda op, g, n: 300.0 if op == "p2p_ready" else 10.0  # noqa: E731
+    out = predict_tpot(lay, [0.004, 0.002], latency, "given", "test")
+    assert out["ready_receive_ms"] == pytest.approx([0.3, 0.3])
+    # stage 0 is the busiest: 2 micro-batches x (2 ms of compute + a 0.3 ms receive)
+    assert out["tpot_ms"] == pytest.approx(2 * (2.0 + 0.3))

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
 FP32_BOUND = 1e-4
-BF16_BOUND = 0.25  # bf16 keeps 8 bits of mantissa: logits of magnitude ~10 move by ~0.05
+BF16_RELATIVE = 2.0 ** -5  # of max |logit|: bf16 keeps 8 bits of mantissa (parity.py)
 
 SCHEDULE = "topology.pipeline_schedule"
 COMPILE = "engine.compile=default"
@@ -81,7 +81,8 @@ def test_fp32_tokens_equal_hugging_face_on_every_rank(records, run_id):
     r = records[run_id]
     assert r is not None and r["status"] == "ok", r and r["error"]
     p = r["parity"]
-    assert p["ranks_checked"] == r["topology"]["world_size"]
+    t = r["topology"]  # the last stage's ranks hold logits (every rank without a pipeline)
+    assert p["ranks_checked"] == t["dp"] * t["tp"]
     assert all(p["ranks_tokens_match"]), p
     assert p["max_abs_logit_diff"] < FP32_BOUND
     assert p["passed"]
@@ -90,9 +91,9 @@ def test_fp32_tokens_equal_hugging_face_on_every_rank(records, run_id):
 def test_bf16_within_stated_bound(records):
     p = records["tp2-bf16"]["parity"]
     assert records["tp2-bf16"]["workload"]["dtype"] == "bfloat16"
-    assert p["tolerance"] == BF16_BOUND
-    assert p["max_abs_logit_diff"] < BF16_BOUND
-    assert p["token_match_rate"] >= 0.75
+    assert p["tolerance_relative"] == BF16_RELATIVE
+    assert p["max_rel_logit_diff"] <= BF16_RELATIVE
+    assert p["real_mismatches"] == 0 and p["passed"]
 
 
 @pytest.mark.parametrize("run_id,heads", [("tp2", [3, 2]), ("tp4", [2, 1, 1, 1]),
@@ -195,7 +196,9 @@ def test_micro_batches_recorded_and_bubble_measured(records):
         r = records[f"pp2-m{m}"]
         assert r["topology"]["micro_batches"] == m
         bubble = r["metrics"]["bubble_fraction"]
-        assert bubble["theory"] == pytest.approx(1 / (m + 1))
+        n = r["workload"]["output_len"]  # in flight the pipeline fills once per generation
+        flush = r["topology"]["pipeline_schedule"] == "flush"
+        assert bubble["theory"] == pytest.approx(1 / (m + 1) if flush else 1 / (n * m + 1))
         assert 0 <= bubble["measured"] <= 1
 
 

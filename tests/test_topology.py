@@ -223,3 +223,35 @@ def test_heads_per_rank_is_deepspeeds_split(n_head, n_embd, tp):
                                         tp_grain_size=head_dim)
     widths = get_shard_size_list(n_embd, tp, meta, "attn.c_proj")
     assert [w // head_dim for w in widths] == autotp.heads_per_rank(n_head, tp)
+
+
+# ---- the rules plan and run share ------------------------------------------------------
+
+def test_applicable_grids_are_what_make_grid_accepts():
+    from gptbench.topology import applicable_grids
+
+    grids = {(s, g.dp, g.tp, g.pp) for s, g in applicable_grids(3, n_head=25, n_layer=48)}
+    assert grids == {("pure_data_parallel", 3, 1, 1), ("tensor_data_hybrid", 1, 3, 1),
+                     ("pipeline_data_hybrid", 1, 1, 3)}
+    # The tiny model's 5 heads and 4 blocks bound tp and pp.
+    grids = {(s, g.tp, g.pp) for s, g in applicable_grids(8, n_head=5, n_layer=4)}
+    assert ("tensor_data_hybrid", 8, 1) not in grids and ("tensor_data_hybrid", 4, 1) in grids
+    assert ("pipeline_data_hybrid", 1, 8) not in grids and ("pipeline_data_hybrid", 1, 4) in grids
+    assert [s for s, _ in applicable_grids(1, 25, 48)] == ["pure_data_parallel"]
+
+
+def test_micro_batches_rule():
+    from gptbench.topology import Grid, check_schedule, micro_batches
+
+    pipe = Grid(2, 1, 1, 2)
+    assert micro_batches(pipe, 4, None) == 2
+    assert micro_batches(pipe, 1, None) == 1      # never more than the batch
+    assert micro_batches(pipe, 4, 4) == 4
+    with pytest.raises(UserError, match="batch_size=3 is not divisible by topology.micro_batches=2"):
+        micro_batches(pipe, 3, None)
+    with pytest.raises(UserError, match="pipelines only"):
+        micro_batches(Grid(2, 1, 2, 1), 4, 2)
+    check_schedule("in_flight", pipe, 2)
+    with pytest.raises(UserError, match="micro_batches >= pp"):
+        check_schedule("in_flight", pipe, 1)
+    check_schedule("flush", pipe, 1)

@@ -250,3 +250,46 @@ def test_comm_tracker_patches_every_target_and_restores_it(gloo_world_of_one):
             assert getattr(modules[name], attr) is not original, f"{name}.{attr} not patched"
     for (name, attr), original in originals.items():
         assert getattr(modules[name], attr) is original, f"{name}.{attr} not restored"
+
+
+def test_comm_tracker_logs_torch_calls_with_their_group(gloo_world_of_one):
+    dist = gloo_world_of_one
+    tensor = torch.ones(256)
+    with CommTracker(CPU, log_calls=True) as tracker:
+        dist.all_reduce(tensor)                      # deepspeed.comm -> torch.distributed
+        work = torch.distributed.all_reduce(tensor, async_op=True)
+        time.sleep(0.05)                             # not blocked: not counted
+        work.wait()
+        torch.distributed.barrier()
+    ops = [(c.op, c.kind, c.group, c.nbytes) for c in tracker.log]
+    assert ops == [("all_reduce", "collective", (0,), 1024),
+                   ("all_reduce", "collective", (0,), 1024),
+                   ("barrier", "collective", (0,), 0)]
+    blocking, non_blocking, _ = tracker.log
+    assert blocking.start_s == blocking.post_s <= blocking.end_s
+    assert non_blocking.start_s - non_blocking.post_s >= 0.05  # waited on only after the sleep
+    assert non_blocking.end_s - non_blocking.start_s < 0.05
+    assert tracker.by_op["deepspeed.comm.all_reduce"].calls == 1  # outermost still counted once
+
+
+def test_latency_probe_in_a_world_of_one(gloo_world_of_one):
+    from gptbench.trackers import latency
+
+    seconds = latency.probe_group_op("all_reduce", [[0]], 1024, CPU, iterations=5)
+    assert 0 < seconds < 0.5
+    assert latency.probe_p2p([], 8, CPU, iterations=2) is None  # in no pair
+
+
+def test_latency_table_interpolates_by_size_and_prefers_the_world_size():
+    from gptbench.trackers.latency import LatencyTable
+
+    entries = [{"op": "all_reduce", "group_size": 2, "world_size": 2, "bytes": b, "latency_us": us}
+               for b, us in ((4, 100.0), (4096, 400.0))]
+    entries += [{"op": "all_reduce", "group_size": 2, "world_size": 4, "bytes": 4, "latency_us": 900.0}]
+    table = LatencyTable(entries)
+    assert table.lookup_us("all_reduce", 2, 128, world_size=2) == pytest.approx(200.0)  # log-log
+    assert table.lookup_us("all_reduce", 2, 1, world_size=2) == 100.0
+    assert table.lookup_us("all_reduce", 2, 8192, world_size=2) == pytest.approx(800.0)
+    assert table.lookup_us("all_reduce", 2, 4, world_size=4) == 900.0
+    assert table.lookup_us("p2p", 2, 4) is None
+    assert LatencyTable(fixed_us=7.0).lookup_us("barrier", 4, 0) == 7.0
