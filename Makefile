@@ -30,7 +30,7 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	@touch $@
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # DeepSpeed's multi-node launcher on two loopback "hosts" of this machine (its own sshd on
 # 127.0.0.1/127.0.0.2, throw-away keys; installs openssh-server and pdsh when missing).

@@ -3,14 +3,13 @@ real multi-process runs: it sums to 1 on every rank, the pipeline bubble is the 
 share beside its theory, the collectives counted per decode step are the sharding
 model's, the shards are DeepSpeed's, and every record carries `predicted`."""
 import os
-import subprocess
 
 import pytest
-import yaml
 
-from gptbench import launcher, results, sharding
+from gptbench import sharding
 from gptbench.plan import model_dims
 from gptbench.trackers.breakdown import split_calls, time_breakdown
+from sweeps import run_sweeps
 
 
 def call(op, kind, group, post, start=None, end=None, nbytes=4):
@@ -114,16 +113,7 @@ COMMON = [f"workload.output_len={OUTPUT_LEN}", "workload.num_samples=4", "worklo
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    out = tmp_path_factory.mktemp("breakdown")
-    for ranks in sorted({r for r, _ in RUNS.values()}):
-        variants = [{"run_id": run_id, **sets} for run_id, (r, sets) in RUNS.items() if r == ranks]
-        sweep = out / f"sweep{ranks}.yaml"
-        sweep.write_text(yaml.safe_dump({"runs": variants}), encoding="utf-8")
-        cmd = launcher.deepspeed_command(CONFIG, COMMON + [f"output_dir={out}"], ranks)
-        with open(out / f"sweep{ranks}.log", "w") as log:
-            subprocess.run(cmd + ["--sweep", str(sweep)], stdout=log, stderr=subprocess.STDOUT,
-                           timeout=600, check=False)
-    return {run_id: results.read_record(results.run_path(str(out), run_id)) for run_id in RUNS}
+    return run_sweeps(tmp_path_factory.mktemp("breakdown"), CONFIG, RUNS, COMMON, timeout_s=600)
 
 
 def layout_of(record):

@@ -7,12 +7,11 @@ it holds them, its logits (the record's `parity` block). The configurations of o
 size share one launch (`launch/run.py --sweep`): process start-up dominates on 2 cores.
 """
 import os
-import subprocess
 
 import pytest
 import yaml
 
-from gptbench import launcher, results
+from sweeps import run_sweeps
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,18 +61,9 @@ COMMON = ["workload.num_samples=4", "workload.iterations=1",
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    out = tmp_path_factory.mktemp("strategies")
-    for ranks in sorted({r for r, _ in RUNS.values()}):
-        variants = [{"run_id": run_id, **{k: yaml.safe_load(v) for k, v in
-                                         (pair.split("=", 1) for pair in sets)}}
-                    for run_id, (r, sets) in RUNS.items() if r == ranks]
-        sweep = out / f"sweep{ranks}.yaml"
-        sweep.write_text(yaml.safe_dump({"runs": variants}), encoding="utf-8")
-        cmd = launcher.deepspeed_command(CONFIG, COMMON + [f"output_dir={out}"], ranks)
-        with open(out / f"sweep{ranks}.log", "w") as log:
-            subprocess.run(cmd + ["--sweep", str(sweep)], stdout=log, stderr=subprocess.STDOUT,
-                           timeout=900, check=False)
-    return {run_id: results.read_record(results.run_path(str(out), run_id)) for run_id in RUNS}
+    runs = {run_id: (ranks, {k: yaml.safe_load(v) for k, v in (pair.split("=", 1) for pair in sets)})
+            for run_id, (ranks, sets) in RUNS.items()}
+    return run_sweeps(tmp_path_factory.mktemp("strategies"), CONFIG, runs, COMMON, timeout_s=900)
 
 
 @pytest.mark.parametrize("run_id", [k for k in RUNS if k != "tp2-bf16"])
