@@ -125,8 +125,12 @@ def test_every_rank_that_refuses_leaves_its_error_file(tmp_path):
     cfg = load_config(CONFIG, sets)
     run_id = run_id_for(cfg, 2)
     errors = launcher._rank_errors(str(tmp_path), run_id, 2)
-    assert sorted(errors) == [0, 1], proc.stderr[-2000:]
+    # The first rank to refuse exits at once, and DeepSpeed's launcher then stops the
+    # other: it leaves its file only if it got as far as the check. Every file there is,
+    # names the reason; the record names a rank that refused.
+    assert errors and set(errors) <= {0, 1}, proc.stderr[-2000:]
     assert all("cuda requested for 2 rank(s)" in e["error"] for e in errors.values())
     record = launcher.finalize(cfg, run_id, 2, proc.returncode, False, 0.0)
-    assert record["failed_rank"] == 0
-    assert record["error"].startswith("rank 0: engine.device: cuda requested for 2 rank(s)")
+    first = min(errors)
+    assert record["failed_rank"] == first
+    assert record["error"].startswith(f"rank {first}: engine.device: cuda requested for 2 rank(s)")
