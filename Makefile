@@ -17,6 +17,7 @@ GPU_ROWS := $(foreach n,2 4,$(foreach s,dp tp pp full,bench-$(n)gpu-$(s)))
         $(GPU_ROWS)
 
 install: $(STAMP)
+	@$(PY) -c "from importlib.metadata import version as v; print('installed in $(VENV): torch', v('torch'), '| deepspeed', v('deepspeed'), '| transformers', v('transformers'), '| gptbench', v('gptbench'))"
 
 # torch first: a GPU machine keeps the CUDA torch it has (the venv sees the system's
 # packages there); elsewhere the tested CPU build, never an unpinned multi-GB CUDA one.

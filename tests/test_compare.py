@@ -1,6 +1,5 @@
 """compare: deltas by run_id, direction-aware regression gate, environment diff."""
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -9,6 +8,7 @@ import pytest
 
 from gptbench.compare import compare, parse_fail_on
 from gptbench.errors import UserError
+from records import edit_run
 
 FIXTURE_SUITE = Path(__file__).parent / "fixtures" / "suite"
 THROUGHPUT_GATE = [("throughput_tokens_per_s", 5.0)]
@@ -20,12 +20,6 @@ def suites(tmp_path):
     return shutil.copytree(FIXTURE_SUITE, tmp_path / "base"), shutil.copytree(FIXTURE_SUITE, tmp_path / "candidate")
 
 
-def edit_run(suite_dir: Path, run_id: str, edit) -> Path:
-    path = suite_dir / "runs" / f"{run_id}.json"
-    record = json.loads(path.read_text())
-    edit(record)
-    path.write_text(json.dumps(record))
-    return path
 
 
 def scale_throughput(factor: float):

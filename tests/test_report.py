@@ -13,6 +13,7 @@ from gptbench.errors import UserError
 from gptbench.report import charts, findings
 from gptbench.report.load import load_runs
 from gptbench.report.render import SUMMARY_COLUMNS, render_report
+from records import edit_run as edit
 
 FIXTURE_SUITE = Path(__file__).parent / "fixtures" / "suite"
 TITLE = "Fixture suite (hand-written test data)"
@@ -214,12 +215,6 @@ def test_findings_name_parity_failures(tmp_path):
     assert "4gpu-tp2-pp2" in sentence and "0.0781 > tolerance 0.05" in sentence
 
 
-def edit(suite_dir: Path, run_id: str, change) -> Path:
-    path = suite_dir / "runs" / f"{run_id}.json"
-    record = json.loads(path.read_text())
-    change(record)
-    path.write_text(json.dumps(record))
-    return path
 
 
 # ---- bad records are skipped for their own reason; the rest renders --------------------------
