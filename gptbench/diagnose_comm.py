@@ -89,12 +89,6 @@ def _worker(rank: int, world: int, port: int, backend: str, threads: int, iterat
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_comm(world_sizes=(2, 4), threads: int | None = None,
                  iterations: int = 20) -> dict:
     """The comm file's content: one process group per world size, measured in turn."""
@@ -102,6 +96,7 @@ def measure_comm(world_sizes=(2, 4), threads: int | None = None,
     import torch.multiprocessing as mp
 
     from gptbench.errors import UserError
+    from gptbench.worker import _free_port as free_port
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     entries, backends = [], set()
@@ -113,7 +108,7 @@ def measure_comm(world_sizes=(2, 4), threads: int | None = None,
         per_rank = threads or max(1, (os.cpu_count() or 1) // world)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "entries.json")
-            mp.spawn(_worker, args=(world, _free_port(), backend, per_rank, iterations, path),
+            mp.spawn(_worker, args=(world, free_port(), backend, per_rank, iterations, path),
                      nprocs=world, join=True)
             with open(path, encoding="utf-8") as f:
                 entries += [dict(e, threads_per_rank=per_rank) for e in json.load(f)]
