@@ -1,10 +1,11 @@
-"""Fault injection for tests and users: GPTBENCH_FAULT=rank=R,at=POINT,kind=KIND.
+"""Fault injection for tests and users: GPTBENCH_FAULT=rank=R,at=POINT,kind=KIND[,run=ID].
 
 POINT is load, prefill or decode (the first time that rank reaches it); KIND is crash (an
 exception), hang (sleep until killed), oom (the device's out-of-memory error: a real
 CUDA OOM on GPUs, torch.OutOfMemoryError raised on CPU) or sigkill (the rank SIGKILLs
 itself, as the kernel's OOM killer does when host memory runs out: no error file, no
-Python exception). The rank says on stderr what it injects, so a log shows that the fault
+Python exception). `run=ID` (optional) fails only the row whose run_id is ID, e.g. one in
+the middle of a suite's launch; without it every run fails. The rank says on stderr what it injects, so a log shows that the fault
 fired (a hang is otherwise silent).
 
 `gptbench run` and `gptbench suite` check the spec before anything starts (exit 2).
@@ -22,7 +23,8 @@ from gptbench.errors import UserError
 POINTS = ("load", "prefill", "decode")
 KINDS = ("crash", "hang", "oom", "sigkill")
 ENV = "GPTBENCH_FAULT"
-FIELDS = ("rank", "at", "kind")
+FIELDS = ("rank", "at", "kind", "run")
+REQUIRED = ("rank", "at", "kind")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Fault:
     rank: int
     at: str
     kind: str
+    run: str | None = None  # only the run (suite row) with this run_id; None: every run
 
 
 def parse(spec: str | None) -> Fault | None:
@@ -46,7 +49,7 @@ def parse(spec: str | None) -> Fault | None:
         if key not in FIELDS:
             raise UserError(f"{ENV}='{spec}': unknown field '{key}' (allowed: {', '.join(FIELDS)})")
         fields[key] = value
-    missing = [k for k in FIELDS if k not in fields]
+    missing = [k for k in REQUIRED if k not in fields]
     if missing:
         raise UserError(f"{ENV}='{spec}': missing '{missing[0]}' (expected rank=R,at=POINT,kind=KIND)")
     if not fields["rank"].isdigit():
@@ -55,14 +58,17 @@ def parse(spec: str | None) -> Fault | None:
         raise UserError(f"{ENV}: at='{fields['at']}' is not one of {', '.join(POINTS)}")
     if fields["kind"] not in KINDS:
         raise UserError(f"{ENV}: kind='{fields['kind']}' is not one of {', '.join(KINDS)}")
-    return Fault(rank=int(fields["rank"]), at=fields["at"], kind=fields["kind"])
+    return Fault(rank=int(fields["rank"]), at=fields["at"], kind=fields["kind"],
+                 run=fields.get("run"))
 
 
 class Injector:
     """`injector(point)` fails this rank the first time it reaches the chosen point."""
 
-    def __init__(self, fault: Fault | None, rank: int, device):
-        self.fault = fault if fault is not None and fault.rank == rank else None
+    def __init__(self, fault: Fault | None, rank: int, device, run_id: str | None = None):
+        if fault is not None and (fault.rank != rank or fault.run not in (None, run_id)):
+            fault = None
+        self.fault = fault
         self.rank = rank
         self.device = device
 
@@ -91,5 +97,5 @@ class Injector:
         raise torch.OutOfMemoryError(message)
 
 
-def from_env(rank: int, device) -> Injector:
-    return Injector(parse(os.environ.get(ENV)), rank, device)
+def from_env(rank: int, device, run_id: str | None = None) -> Injector:
+    return Injector(parse(os.environ.get(ENV)), rank, device, run_id)

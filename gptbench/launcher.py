@@ -27,9 +27,9 @@ from gptbench import faults, multinode, progress, results
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
 from gptbench.hostfile import load_layout
-from gptbench.rankwatch import RankWatch, watchdog_error
+from gptbench.rankwatch import POLL_S, RankWatch, watchdog_error
 from gptbench.runplan import check_output_dir, resolve, run_id_for
-from gptbench.worker import error_path
+from gptbench.worker import ROW_MARKER, error_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "launch", "run.py")
@@ -190,6 +190,167 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     return multinode.annotate(record, layout, path) if layout else record
 
 
+@dataclass(frozen=True)
+class Row:
+    """One configuration of a grouped launch: its overrides (with output_dir and run_id)."""
+    run_id: str
+    overrides: tuple[str, ...]
+    log_path: str | None = None
+
+
+class RowLogs:
+    """The launch's output, split into one log per row at rank 0's row markers (the start-up
+    before the first marker goes to the first row's log); also when each row started."""
+
+    def __init__(self, rows: list[Row], on_row=None):
+        self.rows = {r.run_id: r for r in rows}
+        self.current, self.started = rows[0].run_id, time.monotonic()
+        self.on_row, self.pending, self.file = on_row, b"", None
+        self._open(rows[0])
+
+    def _open(self, row: Row) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.file = open(row.log_path, "wb") if row.log_path else None
+
+    def write(self, chunk: bytes) -> None:
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
+        for line in lines:
+            text = line.decode("utf-8", "replace")
+            at = text.find(ROW_MARKER)
+            if at >= 0:
+                run_id = text[at + len(ROW_MARKER):].split(" ", 1)[0]
+                if run_id in self.rows and run_id != self.current:
+                    self.current, self.started = run_id, time.monotonic()
+                    self._open(self.rows[run_id])
+                    if self.on_row is not None:
+                        self.on_row(run_id)
+            self._emit(line + b"\n")
+
+    def _emit(self, data: bytes) -> None:
+        if self.file is not None:
+            self.file.write(data)
+        else:
+            sys.stdout.write(data.decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        (self.file or sys.stdout).flush()
+
+    def close(self) -> None:
+        if self.pending:
+            self._emit(self.pending)
+            self.pending = b""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def run_rows(config_path: str | None, rows: list[Row], ranks: int, env: dict | None = None,
+             progress_position: int | None = None, hostfile: str | None = None,
+             on_record=None) -> list[dict]:
+    """Run consecutive rows of one rank count in as few launches as failures allow.
+
+    The rows run one after the other in the same ranks (launch/run.py --sweep), each with
+    its own record, log, compile, memory peak and timeout_s (from its own start; the
+    first row's includes the launch's start-up). A row that fails, times out or is killed
+    ends its launch; the rows after it start again in a fresh one. A not-applicable row is
+    recorded without starting anything. `on_record(record)` is called as each row ends.
+    Ctrl-C / SIGTERM: the ranks are stopped, unfinished records dropped, the signal raised."""
+    env = {**os.environ, **(env or {})}
+    layout = load_layout(hostfile, ranks) if hostfile else None
+    ranks = layout.world_size if layout else ranks
+    done, pending = [], list(rows)
+    while pending:
+        batch = []
+        for row in pending:
+            p = prepare(config_path, list(row.overrides), ranks)
+            if p.not_applicable:  # recorded now; the rows around it still share a launch
+                record = results.not_applicable(p.cfg, p.world, p.run_id, p.not_applicable)
+                results.write_json_atomic(results.run_path(p.cfg.output_dir, p.run_id), record)
+                done.append(record)
+                if on_record:
+                    on_record(record)
+            else:
+                batch.append((row, p))
+        if not batch:
+            break
+        finished = _launch_rows(config_path, batch, env, progress_position, layout)
+        for record in finished:
+            done.append(record)
+            if on_record:
+                on_record(record)
+        pending = [r for r, _ in batch[len(finished):]]  # after a failure: a fresh launch
+    return done
+
+
+def _launch_rows(config_path, batch, env: dict, progress_position, layout) -> list[dict]:
+    """One launch of `batch` ([(Row, Prepared)]); the records of the rows it finished, up
+    to and including the first that did not finish ok (composed here when needed)."""
+    rows = [r for r, _ in batch]
+    first = batch[0][1]
+    out_dir, world = first.cfg.output_dir, first.world
+    ranks_dir = os.path.join(out_dir, "runs", ".ranks")
+    os.makedirs(ranks_dir, exist_ok=True)
+    sweep = os.path.abspath(os.path.join(ranks_dir, f"{rows[0].run_id}.sweep.yaml"))
+    import yaml
+
+    with open(sweep, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"runs": [list(r.overrides) for r in rows]}, f)
+    env = {**env, progress.ENV: os.path.join(ranks_dir, f"{rows[0].run_id}.progress")}
+    if layout:
+        cmd, env = multinode.launch_command(layout, ENTRY, config_path, [], out_dir,
+                                            rows[0].run_id, env)
+    else:
+        visible = env.get("CUDA_VISIBLE_DEVICES") if first.device_type == "cuda" else None
+        cmd = deepspeed_command(config_path, [], world, visible)
+    cmd += ["--sweep", sweep]
+    for _, p in batch:
+        _clear_previous(out_dir, p.run_id, world)
+    watch = RankWatch(ENTRY, world)
+    logs = RowLogs(rows, on_row=lambda _: watch.peak_rss_bytes.clear())
+    watch.sink = logs
+    timeouts = {r.run_id: p.cfg.timeout_s for r, p in batch}
+    proc, timed_out = None, None
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+        watch.follow(proc.stdout)
+        with progress.watch(env[progress.ENV], rows[0].run_id, position=progress_position):
+            while proc.poll() is None:
+                if time.monotonic() - logs.started > timeouts[logs.current]:
+                    timed_out = logs.current
+                    break
+                watch.poll(proc.pid)
+                time.sleep(POLL_S)
+            watch.poll(proc.pid)
+        stop(proc)
+        watch.close()
+    except BaseException:
+        if proc is not None:
+            stop(proc)
+            watch.close()
+        for _, p in batch:
+            drop_unfinished(results.run_path(out_dir, p.run_id))
+        raise
+    finally:
+        if proc is not None:
+            proc.stdout.close()
+        logs.close()
+    finished = []
+    for row, p in batch:
+        path = results.run_path(out_dir, p.run_id)
+        record = results.read_record(path)
+        if record is not None and record.get("status") == "ok" and timed_out != p.run_id:
+            finished.append(multinode.annotate(record, layout, path) if layout else record)
+            continue
+        wall = time.monotonic() - logs.started if logs.current == p.run_id else 0.0
+        record = finalize(p.cfg, p.run_id, world, proc.returncode, timed_out == p.run_id,
+                          wall, watch if logs.current == p.run_id else None)
+        finished.append(multinode.annotate(record, layout, path) if layout else record)
+        break
+    return finished
+
+
 def group_members(pgid: int) -> list[psutil.Process]:
     """The live (not zombie) processes of process group `pgid`."""
     out = []
@@ -302,7 +463,7 @@ def finalize(cfg, run_id: str, world: int, returncode: int | None, timed_out: bo
     record = results.read_record(path)
     watch = watch or RankWatch(ENTRY, world)
     if record is not None and record.get("status") == "ok" and not timed_out:
-        if watch.peak_rss_bytes:
+        if watch.peak_rss_bytes and not record.get("rank_peak_rss_bytes"):
             record["rank_peak_rss_bytes"] = watch.peak_rss_record()
             results.write_json_atomic(path, record)
         return record

@@ -39,7 +39,8 @@ class Display:
 
     def show(self, state: dict) -> None:
         phase, done, total = state.get("phase"), state.get("done"), state.get("total")
-        text = f"{self.label}: {phase}" + (f", {state['detail']}" if state.get("detail") else "")
+        label = state.get("run") or self.label  # a launch of several rows names the row
+        text = f"{label}: {phase}" + (f", {state['detail']}" if state.get("detail") else "")
         if self.bar is not None:
             if total != self.bar.total:
                 self.bar.reset(total=total)
@@ -59,7 +60,7 @@ class Reporter:
     """The rank's side: where it is, written to the GPTBENCH_PROGRESS file or drawn."""
 
     def __init__(self, run_id: str, enabled: bool, path: str | None):
-        self.enabled, self.fd, self.display = enabled, None, None
+        self.run_id, self.enabled, self.fd, self.display = run_id, enabled, None, None
         if enabled and path:
             try:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -73,7 +74,8 @@ class Reporter:
               detail: str | None = None) -> None:
         if not self.enabled:
             return
-        state = {"phase": name, "done": done, "total": total, "detail": detail}
+        state = {"run": self.run_id, "phase": name, "done": done, "total": total,
+                 "detail": detail}
         if self.fd is not None:
             line = json.dumps(state).encode("utf-8")[:RECORD_BYTES - 1]
             os.pwrite(self.fd, line.ljust(RECORD_BYTES - 1) + b"\n", 0)
@@ -87,6 +89,8 @@ _reporter = Reporter("", False, None)
 def start(run_id: str, enabled: bool) -> None:
     """Make this process report for `run_id` (call on every rank; only `enabled` reports)."""
     global _reporter
+    if _reporter.fd is not None:  # the row before, in a launch of several
+        os.close(_reporter.fd)
     _reporter = Reporter(run_id, enabled, os.environ.get(ENV))
 
 

@@ -1,4 +1,4 @@
-"""A suite: every configuration as its own launcher process, then the report.
+"""A suite: its configurations run under DeepSpeed's launcher, then the report.
 
 Suite YAML:
     title: ...
@@ -7,6 +7,7 @@ Suite YAML:
     set: {workload.iterations: 3}   # overrides for every run
     hostfile: hosts.txt        # optional: every run on these hosts (relative path; one rank
                                # per slot, so a run's `ranks` is the slot total or omitted)
+    isolate: false             # true: one launch per run (every run starts its own processes)
     runs:
       - {id: 1r-dp, ranks: 1, set: {strategy: pure_data_parallel}}
 
@@ -14,6 +15,12 @@ Precedence, lowest first: the base config, the suite's `set:`, the row's `set:`,
 `--set` on the command line, which wins and is announced where it replaces a row's value.
 `output_dir` comes from `--output-dir` or `--set output_dir=` (else the suite's key) and
 `run_id` from the row's id, so neither may appear in a `set:`.
+
+Launches: consecutive runs with the same number of ranks share one launch (their ranks
+start once and run them one after the other, launch/run.py --sweep), each with its own
+record, log (logs/<id>.log), compile and warm-up, memory peak and timeout_s. A run that
+fails ends its launch and the runs after it start in a fresh one, so a failure costs one
+relaunch and never another run's record. `isolate: true` gives every run its own launch.
 
 Every configuration is validated before the first one starts. A failed, out-of-memory,
 timed-out or not-applicable configuration is recorded and the suite goes on. Ctrl-C or
@@ -35,7 +42,7 @@ from gptbench import faults, launcher, results
 from gptbench.config import override_pairs, read_yaml
 from gptbench.errors import UserError
 
-SUITE_KEYS = {"title", "output_dir", "base", "set", "runs", "description", "hostfile"}
+SUITE_KEYS = {"title", "output_dir", "base", "set", "runs", "description", "hostfile", "isolate"}
 RUN_KEYS = {"id", "ranks", "set"}
 
 
@@ -54,6 +61,7 @@ class Suite:
     base: str
     runs: tuple[SuiteRun, ...]
     hostfile: str | None = None
+    isolate: bool = False  # one launch per run instead of one per group of runs
 
 
 def load_suite(path: str, output_dir: str | None = None, only: list[str] | None = None,
@@ -77,6 +85,9 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
     if not isinstance(data["runs"], list) or not data["runs"]:
         raise UserError(f"{path}: 'runs' must be a non-empty list")
     hostfile, slots = _hostfile(path, data.get("hostfile"))
+    isolate = data.get("isolate", False)
+    if not isinstance(isolate, bool):
+        raise UserError(f"{path}: isolate must be true or false, got {isolate!r}")
     runs, seen = [], set()
     for i, item in enumerate(data["runs"]):
         where = f"{path}: runs[{i}]"
@@ -105,7 +116,7 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
             raise UserError(f"--only: no run '{missing[0]}' in {path} (runs: {', '.join(sorted(seen))})")
         runs = [r for r in runs if r.run_id in only]
     return Suite(str(data.get("title") or os.path.basename(path)), out, base, tuple(runs),
-                 hostfile)
+                 hostfile, isolate)
 
 
 def _hostfile(path: str, value) -> tuple[str | None, int | None]:
@@ -169,6 +180,9 @@ def check(suite: Suite, path: str) -> None:
     if fault is not None and fault.rank >= most:
         raise UserError(f"{faults.ENV}: rank={fault.rank}, but no run of {path} has more than "
                         f"{most} rank(s)")
+    if fault is not None and fault.run is not None and fault.run not in {r.run_id for r in suite.runs}:
+        raise UserError(f"{faults.ENV}: run={fault.run} is no run of {path} (runs: "
+                        f"{', '.join(r.run_id for r in suite.runs)})")
     for r in suite.runs:
         try:
             launcher.prepare(suite.base, list(r.overrides), r.ranks)
@@ -218,26 +232,42 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
     os.makedirs(os.path.join(suite.output_dir, "logs"), exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     done = 0
-    bar = tqdm(suite.runs, desc=suite.title, unit="run", dynamic_ncols=True)
+    bar = tqdm(total=len(suite.runs), desc=suite.title, unit="run", dynamic_ncols=True)
     current = None
+
+    def finished(record: dict) -> None:
+        nonlocal done
+        done += 1
+        bar.update(1)
+        bar.write(_line(record))
+
     try:
-        for r in bar:
+        todo = []
+        for r in suite.runs:
             path_r = results.run_path(suite.output_dir, r.run_id)
             earlier = results.read_record(path_r) if resume else None
             if earlier is not None:
                 redo = ("" if earlier["status"] in ("ok", "not_applicable")
                         else f"; delete {path_r} to run it again")
                 bar.write(f"{r.run_id}: already recorded ({earlier['status']}), skipped{redo}")
+                bar.update(1)
                 continue
-            current = path_r
-            bar.set_postfix_str(f"{r.run_id} running")
-            record = launcher.run(suite.base, list(r.overrides), ranks=r.ranks,
-                                  log_path=os.path.join(suite.output_dir, "logs", f"{r.run_id}.log"),
-                                  check_fault_rank=False, progress_position=1,
-                                  hostfile=suite.hostfile)
-            current = None
-            done += 1
-            bar.write(_line(record))
+            todo.append(r)
+        for group in launch_groups(todo, suite.isolate):
+            bar.set_postfix_str(f"{group[0].run_id} running"
+                                + (f" (+{len(group) - 1} in its launch)" if len(group) > 1 else ""))
+            rows = [launcher.Row(r.run_id, r.overrides,
+                                 os.path.join(suite.output_dir, "logs", f"{r.run_id}.log"))
+                    for r in group]
+            if suite.isolate:
+                current = results.run_path(suite.output_dir, group[0].run_id)
+                finished(launcher.run(suite.base, list(group[0].overrides), ranks=group[0].ranks,
+                                      log_path=rows[0].log_path, check_fault_rank=False,
+                                      progress_position=1, hostfile=suite.hostfile))
+                current = None
+            else:
+                launcher.run_rows(suite.base, rows, group[0].ranks, progress_position=1,
+                                  hostfile=suite.hostfile, on_record=finished)
     except (KeyboardInterrupt, _Terminated) as e:
         bar.close()
         if current:
@@ -258,6 +288,18 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
         print(f"gptbench: skipped {skipped_path}: {reason}", file=sys.stderr)
     print(f"gptbench: {done} run(s) this time; report: {written.get('report.html', suite.output_dir)}")
     return 0
+
+
+def launch_groups(runs: list[SuiteRun], isolate: bool = False) -> list[list[SuiteRun]]:
+    """Consecutive runs with the same number of ranks, one list per launch (the suite's
+    hosts are the same for every run); one run per launch when `isolate`."""
+    groups: list[list[SuiteRun]] = []
+    for r in runs:
+        if groups and not isolate and groups[-1][0].ranks == r.ranks:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def _line(record: dict) -> str:

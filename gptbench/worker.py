@@ -156,7 +156,8 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
             "graphs": stats.graphs, "_after": snapshot()}
 
 
-def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -> dict:
+def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float,
+                 launch: dict | None = None) -> dict:
     from gptbench import envinfo, figures
 
     model = {**plan.model_dims, "params": info["params"]}
@@ -184,6 +185,12 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     if record["parity"] is None:
         reasons["parity"] = "parity check disabled (parity.enabled: false)"
     record["wall_s"] = time.time() - started
+    if launch is not None:
+        peaks = [r.get("peak_rss_bytes") for r in ranks]
+        if any(peaks):
+            record["rank_peak_rss_bytes"] = {"per_rank": peaks, "max": max(p or 0 for p in peaks),
+                                             "source": launch["peak_rss"]}
+        record["engine"]["launch"] = {"rows": launch["rows"], "position": launch["position"]}
     results.write_json_atomic(results.run_path(plan.cfg.output_dir, plan.run_id), record)
     return record
 
@@ -248,7 +255,8 @@ def fail(cfg: RunConfig, run_id: str, world: int, rank: int, exc: BaseException)
 
 
 def _variants(args) -> list[list[str]]:
-    """The override lists to run: one, or one per entry of a --sweep file."""
+    """The override lists to run: one, or one per entry of a --sweep file. An entry is a
+    mapping of overrides, or a list of KEY=VALUE pairs (as a suite hands its rows over)."""
     if not args.sweep:
         return [args.set]
     from gptbench.config import override_pairs, read_yaml
@@ -256,7 +264,13 @@ def _variants(args) -> list[list[str]]:
     runs = read_yaml(args.sweep).get("runs")
     if not isinstance(runs, list) or not runs:
         raise UserError(f"{args.sweep}: expected 'runs:', a non-empty list of override mappings")
-    return [args.set + override_pairs(v, f"{args.sweep}: runs[{i}]") for i, v in enumerate(runs)]
+    out = []
+    for i, v in enumerate(runs):
+        if isinstance(v, list) and all(isinstance(p, str) and "=" in p for p in v):
+            out.append(args.set + v)
+        else:
+            out.append(args.set + override_pairs(v, f"{args.sweep}: runs[{i}]"))
+    return out
 
 
 def _plans(args, rank: int, world: int, local_rank: int, local_size: int) -> list[RunPlan]:
@@ -280,6 +294,48 @@ def _plans(args, rank: int, world: int, local_rank: int, local_size: int) -> lis
                          {"status": "failed", "error": str(e), "traceback": None})
             raise
     return plans
+
+
+ROW_MARKER = "gptbench: === row "  # rank 0's line at the start of each row of a launch
+
+
+def between_rows(device) -> None:
+    """Leave nothing of one row to the next: every rank done with the last row, dynamo's
+    compiled graphs dropped (the next row compiles and warms up on its own), freed memory
+    handed back."""
+    torch.distributed.barrier()
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak_rss() -> str:
+    """Start this row's peak memory afresh; returns how the row's peak is taken.
+
+    VmHWM (the process's resident high-water mark) is reset to the current RSS by writing
+    5 to /proc/self/clear_refs (proc(5), Linux >= 4.0); CUDA's allocator peak by
+    reset_peak_memory_stats."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return "VmHWM of each rank at the row's end, reset at its start (clear_refs 5)"
+    except OSError as e:
+        return (f"VmHWM of each rank at the row's end, since the process started (the reset "
+                f"was refused: {e.strerror}), so it includes earlier rows of its launch")
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def teardown() -> None:
@@ -307,18 +363,26 @@ def main(argv=None) -> int:
         return 0
     plan = plans[0]
     try:
-        inject = faults.from_env(rank, plan.device)
         torch.set_num_threads(plan.threads)
         if plan.device.type == "cuda":
             torch.cuda.set_device(plan.device)  # NCCL binds each rank to its own GPU
         init_distributed(plan, rank, world, local_size)
-        for plan in plans:  # a --sweep runs its variants one after the other, same ranks
+        for i, plan in enumerate(plans):  # a --sweep: its variants one after the other
+            if i:
+                between_rows(plan.device)
             started = time.time()
+            if rank == 0:  # the orchestrator splits the log and times each row from here
+                print(f"{ROW_MARKER}{plan.run_id} ({i + 1}/{len(plans)})", flush=True)
+            peak = reset_peak_rss()
+            inject = faults.from_env(rank, plan.device, plan.run_id)
+            torch.set_num_threads(plan.threads)
             mine, info = run_rank(plan, rank, inject)
+            mine["peak_rss_bytes"] = _vm_hwm_bytes()
             gathered = [None] * world if rank == 0 else None
             torch.distributed.gather_object(mine, gathered, dst=0)
             if rank == 0:
-                record = write_record(plan, gathered, info, started)
+                launch = {"rows": len(plans), "position": i + 1, "peak_rss": peak}
+                record = write_record(plan, gathered, info, started, launch)
                 passed = (record["parity"] or {}).get("passed")
                 print(f"gptbench: {plan.run_id}: "
                       f"{record['metrics']['throughput_tokens_per_s']:.1f} tokens/s, parity "

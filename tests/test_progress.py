@@ -64,7 +64,8 @@ def test_batches_are_reported_between_timed_regions_never_inside(tmp_path, monke
         if isinstance(event, tuple):
             assert events[index + 1] == "barrier" and events[index + 2] == "clock"
             assert events[index + 3] == "prefill"
-    assert progress.read_state(str(path)) == {"phase": "timed iterations", "done": 5, "total": 6,
+    assert progress.read_state(str(path)) == {"run": "r", "phase": "timed iterations",
+                                              "done": 5, "total": 6,
                                               "detail": "iteration 2/2, batch 3/3"}
 
 
