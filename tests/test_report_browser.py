@@ -1,7 +1,8 @@
 """report.html in a real browser: headless Chromium (Debian: apt-get install chromium) loads
 the rendered fixture report, its DOM opens with the recommendation, and a screenshot shows
 the page drawn with its styles and charts. Skipped, with the reason, where there is no
-Chromium."""
+Chromium, unless GPTBENCH_REQUIRE_BROWSER=1 (CI sets it): then a missing Chromium fails."""
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,6 +22,9 @@ WIDTH_PX, HEIGHT_PX = 1280, 1600
 @pytest.fixture(scope="module")
 def browser():
     found = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
+    if found is None and os.environ.get("GPTBENCH_REQUIRE_BROWSER") == "1":
+        pytest.fail("GPTBENCH_REQUIRE_BROWSER=1 but no Chromium on this machine (Debian: "
+                    "apt-get install chromium)")
     if found is None:
         pytest.skip("no Chromium on this machine (Debian: apt-get install chromium); "
                     "report.html was not checked in a browser")
@@ -63,3 +67,16 @@ def test_a_screenshot_shows_the_page_drawn(browser, report_html, tmp_path):
     assert len(colours) > 50, "the page is blank or nearly so"
     box = sum(count for count, rgb in colours if rgb == RECOMMENDATION_RGB)
     assert box > 0.02 * WIDTH_PX * HEIGHT_PX, "the recommendation box was not drawn with its style"
+
+
+def test_democheck_sees_every_chart_drawn_and_names_a_broken_one(browser, report_html, tmp_path):
+    from gptbench import democheck
+
+    assert democheck.browser_check(str(report_html.parent), browser) == []
+    broken = shutil.copytree(report_html.parent, tmp_path / "broken")
+    page = broken / "report.html"
+    html = page.read_text(encoding="utf-8")
+    start = html.index('<img src="data:image/png;base64,') + len('<img src="data:image/png;base64,')
+    page.write_text(html[:start] + "bm90IGEgcG5n" + html[html.index('"', start):], encoding="utf-8")
+    problems = democheck.browser_check(str(broken), browser)
+    assert len(problems) == 1 and problems[0].startswith("--browser: a broken image: "), problems

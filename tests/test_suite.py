@@ -89,9 +89,18 @@ def _interrupt(work, sig: int, when, *args) -> tuple[int, str, str, float]:
     return code, out.read(), err.read(), ended
 
 
+def _runs_of(cmdline: list[str]) -> str:
+    """The run settings a rank was started with: its --set pairs, or its --sweep file (a
+    suite launches consecutive rows of one rank count together)."""
+    if "--sweep" in cmdline:
+        with open(cmdline[cmdline.index("--sweep") + 1], encoding="utf-8") as f:
+            return f.read()
+    return " ".join(cmdline)
+
+
 def _rank_of(work, run_id: str):
     return lambda: any("launch/run.py" in " ".join(p.cmdline()) and f"run_id={run_id}" in
-                       " ".join(p.cmdline()) for p in _processes(work))
+                       _runs_of(p.cmdline()) for p in _processes(work))
 
 
 def _json_files(folder) -> list[str]:
