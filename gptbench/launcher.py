@@ -260,26 +260,35 @@ def run_rows(config_path: str | None, rows: list[Row], ranks: int, env: dict | N
     layout = load_layout(hostfile, ranks) if hostfile else None
     ranks = layout.world_size if layout else ranks
     done, pending = [], list(rows)
+
+    def record(p: Prepared, r: dict | None = None) -> None:
+        if r is None:  # not applicable: nothing to start, recorded in its turn
+            r = results.not_applicable(p.cfg, p.world, p.run_id, p.not_applicable)
+            results.write_json_atomic(results.run_path(p.cfg.output_dir, p.run_id), r)
+        done.append(r)
+        if on_record:
+            on_record(r)
+
     while pending:
-        batch = []
+        batch, after = [], {}  # after: run_id -> the not-applicable rows that follow it
         for row in pending:
             p = prepare(config_path, list(row.overrides), ranks)
-            if p.not_applicable:  # recorded now; the rows around it still share a launch
-                record = results.not_applicable(p.cfg, p.world, p.run_id, p.not_applicable)
-                results.write_json_atomic(results.run_path(p.cfg.output_dir, p.run_id), record)
-                done.append(record)
-                if on_record:
-                    on_record(record)
+            if p.not_applicable and batch:  # the rows around it still share a launch
+                after.setdefault(batch[-1][0].run_id, []).append((row, p))
+            elif p.not_applicable:
+                record(p)
             else:
                 batch.append((row, p))
         if not batch:
             break
         finished = _launch_rows(config_path, batch, env, progress_position, layout)
-        for record in finished:
-            done.append(record)
-            if on_record:
-                on_record(record)
-        pending = [r for r, _ in batch[len(finished):]]  # after a failure: a fresh launch
+        for (row, p), r in zip(batch, finished):
+            record(p, r)
+            for _, na in after.get(row.run_id, []):
+                record(na)
+        last = batch[len(finished) - 1][0]
+        last = (after.get(last.run_id) or [(last, None)])[-1][0]
+        pending = pending[pending.index(last) + 1:]  # after a failure: a fresh launch
     return done
 
 
