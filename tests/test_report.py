@@ -198,12 +198,13 @@ def test_findings_say_where_scaling_is_lost_and_why(tmp_path):
     assert [r["run_id"] for r in findings.scaling_losses(records)] == \
         ["2gpu-tp2", "2gpu-pp2", "4gpu-tp2-dp2", "4gpu-pp2-dp2", "4gpu-tp2-pp2"]
     sentences = findings.findings(records)
-    # From the time breakdown where the record has one ...
-    assert ("Scaling lost: tensor_data_hybrid at 2 ranks (2gpu-tp2): efficiency 56%; 41% communication, "
-            "21% waiting, 38% compute of a profiled batch.") in sentences
-    # ... else from the older shares, saying that they include waiting.
-    assert ("Scaling lost: tensor_data_hybrid at 4 ranks (4gpu-tp2-dp2): efficiency 55%; communication share 43% "
-            "(includes waiting for peers) of a profiled batch.") in sentences
+    # One line per strategy: from the time breakdown where the record has one, else from
+    # the older shares, saying that they include waiting.
+    assert ("Scaling lost: tensor_data_hybrid: 2 ranks (2gpu-tp2) efficiency 56%: 41% communication, "
+            "21% waiting, 38% compute; 4 ranks (4gpu-tp2-dp2) efficiency 55%: communication share 43% "
+            "(includes waiting for peers) (shares of a profiled batch).") in sentences
+    assert [s.split(":")[1].strip() for s in sentences if s.startswith("Scaling lost")] == \
+        ["tensor_data_hybrid", "pipeline_data_hybrid", "full_model_parallel"]
     assert not any("timed region" in s for s in sentences)  # the shares come from a separate batch
     assert not any("4gpu-dp4" in s and "Scaling lost" in s for s in sentences)
 
@@ -288,6 +289,29 @@ def test_the_recommendation_names_the_best_per_rank_count_by_how_much_and_why(tm
     assert sentences[3] == "Left out because their tokens or logits differ from the reference: 4gpu-tp2-pp2."
 
 
+def test_the_recommendation_is_a_table_per_rank_count_above_the_prose(rendered):
+    suite_dir, records = rendered
+    md = (suite_dir / "report.md").read_text()
+    section = md[md.index("## Recommendation"):md.index("## Findings")]
+    assert section.index("| Ranks | Best configuration |") < section.index("- 1 rank: ")
+    assert ("| 2 | pure_data_parallel (2gpu-dp2) | 317.3 | 1.97x (weak) | tensor_data_hybrid "
+            "(2gpu-tp2), 181.6 tokens/s | 1.75x behind: 41% communication, 21% waiting, "
+            "38% compute |") in section
+    assert "| 1 | pure_data_parallel (1gpu-dp1) | 161.2 | baseline | — | the only configuration" in section
+    html = (suite_dir / "report.html").read_text()
+    box = html[html.index('<section id="recommendation">'):html.index("</section>")]
+    assert box.index("<table>") < box.index("<ul>")
+
+
+def test_byte_figures_take_a_unit_that_shows_them(tmp_path):
+    from gptbench.report.charts import byte_unit
+    from gptbench.report.render import memory_text
+
+    assert byte_unit(3 * 2**30) == ("GiB", 2**30) and byte_unit(5 * 2**20) == ("MiB", 2**20)
+    assert byte_unit(2048) == ("KiB", 1024) and byte_unit(10) == ("B", 1)
+    assert memory_text([12_845_056, 6_422_528]) == "12.25 / 6.12 MiB"  # not "0.01 / 0.01 GiB"
+
+
 def test_setup_shows_what_runs_share_once_and_what_differs_beside_each_run(tmp_path):
     suite_dir = copy_suite(tmp_path / "suite")
     edit(suite_dir, "4gpu-dp4", lambda r: r["engine"].update(threads_per_rank=2))
@@ -316,7 +340,8 @@ def test_findings_say_when_ranks_crowd_too_few_cores(tmp_path):
     records, _ = load_runs(suite_dir)
     sentences = findings.findings(records)
     crowded = [s for s in sentences if "share 2 CPU cores" in s]
-    assert [s.split("(")[1].split(")")[0] for s in crowded] == ["4gpu-tp2-dp2", "4gpu-pp2-dp2", "4gpu-tp2-pp2"]
+    assert [s.split(":")[1].strip() for s in crowded] == \
+        ["tensor_data_hybrid", "pipeline_data_hybrid", "full_model_parallel"]
     assert "4 ranks x 1 thread(s) share 2 CPU cores, so part of the loss is ranks waiting for a core" in crowded[0]
     from gptbench.report.recommend import recommendations
     assert "4 ranks x 1 thread(s) share 2 CPU cores" in recommendations(records)[2]
@@ -365,7 +390,8 @@ def test_graph_breaks_and_nodes_are_named(tmp_path):
     md = (suite_dir / "report.md").read_text()
     assert ("- 2gpu-dp2, `metrics.graph_breaks`: 3 graph break(s) in the compiled decode step "
             "(engine.compile default): those parts ran eagerly") in md
-    assert "Graph breaks: 2gpu-dp2 compiled its decode step with 3 graph break(s)" in md
+    assert ("Graph breaks: pure_data_parallel compiled its decode step with graph breaks "
+            "(2gpu-dp2 3 (engine.compile default))") in md
     assert ("- 2gpu-dp2, `metrics.compile.graphs_while_measuring`: 1 graph(s) compiled inside the measured "
             "region: its timings include compilation") in md
     assert "| 2gpu-dp2 | pure_data_parallel | 2 | dp2 tp1 pp1 on 2 nodes |" in md

@@ -11,7 +11,13 @@ from matplotlib.figure import Figure
 from gptbench.report.load import STRATEGY_ORDER
 from gptbench.results import value_at
 
-GIB_BYTES = 1024**3
+BYTE_UNITS = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024), ("B", 1))
+
+
+def byte_unit(largest_bytes) -> tuple[str, int]:
+    """(name, bytes) of the largest binary unit that `largest_bytes` holds at least once, so
+    a tiny model's weights read "12.3 MiB", not "0.01 GiB"."""
+    return next(((n, b) for n, b in BYTE_UNITS if (largest_bytes or 0) >= b), BYTE_UNITS[-1])
 
 
 def finished_with(records: list[dict], *paths: str) -> list[dict]:
@@ -120,6 +126,9 @@ def memory_chart(records: list[dict]) -> Figure | None:
     if not runs:
         return None
     ax = new_figure().add_subplot()
+    unit, unit_bytes = byte_unit(max(
+        [b for r in runs for b in r["metrics"]["peak_memory_bytes"]["per_rank"] if b]
+        + [b for r in runs for b in value_at(r, "metrics.model_memory_bytes.per_rank") or [] if b]))
     labelled_ranks, model_marks = set(), []
     for i, run in enumerate(runs):
         per_rank = run["metrics"]["peak_memory_bytes"]["per_rank"]
@@ -129,15 +138,15 @@ def memory_chart(records: list[dict]) -> Figure | None:
             label = None if rank in labelled_ranks else f"rank {rank}"
             labelled_ranks.add(rank)
             x = i - 0.4 + width * (rank + 0.5)
-            ax.bar(x, math.nan if peak_bytes is None else peak_bytes / GIB_BYTES, width,
+            ax.bar(x, math.nan if peak_bytes is None else peak_bytes / unit_bytes, width,
                    color=f"C{rank}", label=label)
             if rank < len(model) and model[rank] is not None:
-                model_marks.append((x, model[rank] / GIB_BYTES))
+                model_marks.append((x, model[rank] / unit_bytes))
     if model_marks:
         ax.scatter(*zip(*model_marks), marker="_", s=300, color="k", label="model bytes (weights + KV)")
     label_configurations(ax, [r["run_id"] for r in runs])
     kinds = sorted({str(r["metrics"]["peak_memory_bytes"].get("kind")) for r in runs})
-    ax.set_ylabel(f"GiB (bars: peak {', '.join(kinds)})")
+    ax.set_ylabel(f"{unit} (bars: peak {', '.join(kinds)})")
     ax.set_title("Memory per rank: measured peak and the model's bytes")
     legend_outside(ax)
     return ax.figure

@@ -63,9 +63,10 @@ def findings(records: list[dict]) -> list[str]:
     sentences = [f"Best throughput: {describe(best)}, {best['metrics']['throughput_tokens_per_s']:.1f} tokens/s"
                  + speedup_clause(best) + "."]
     sentences += superlinear_sentence(records)
-    sentences += [loss_sentence(run) for run in scaling_losses(records)]
+    sentences += [loss_sentence(runs) for runs in by_strategy(scaling_losses(records))]
     sentences += [parity_sentence(run) for run in parity_failures(records)]
-    sentences += [graph_break_sentence(run) for run in records if (value_at(run, "metrics.graph_breaks") or 0) > 0]
+    sentences += [graph_break_sentence(runs) for runs in by_strategy(
+        [run for run in records if (value_at(run, "metrics.graph_breaks") or 0) > 0])]
     return sentences + unfinished_sentence(records)
 
 
@@ -116,19 +117,30 @@ def oversubscription_text(ranks: int, threads: int, cores: int) -> str:
             "is ranks waiting for a core, not the strategy")
 
 
-def loss_sentence(run: dict) -> str:
-    causes = [breakdown_text(run)]
-    crowded = cpu_oversubscribed(run)
-    if crowded:
-        causes.append(oversubscription_text(*crowded))
-    return (f"Scaling lost: {run['strategy']} at {run['topology']['world_size']} ranks ({run['run_id']}): "
-            f"efficiency {run['metrics']['parallel_efficiency']:.0%}; {'; '.join(causes)}.")
+def by_strategy(runs: list[dict]) -> list[list[dict]]:
+    """The runs grouped by strategy (in the order the strategies first appear), fewest
+    ranks first within a strategy: the findings say one line per strategy."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["strategy"], []).append(run)
+    return [sorted(g, key=lambda r: value_at(r, "topology.world_size") or 1) for g in groups.values()]
 
 
-def graph_break_sentence(run: dict) -> str:
-    return (f"Graph breaks: {run['run_id']} compiled its decode step with "
-            f"{run['metrics']['graph_breaks']} graph break(s) (engine.compile "
-            f"{value_at(run, 'engine.compile')}): those parts run eagerly, outside the compiled graph.")
+def loss_sentence(runs: list[dict]) -> str:
+    """One strategy's runs that lose scaling, each with its efficiency and time breakdown."""
+    parts = [f"{run['topology']['world_size']} ranks ({run['run_id']}) efficiency "
+             f"{run['metrics']['parallel_efficiency']:.0%}: {breakdown_text(run, '')}" for run in runs]
+    crowded = max((c for c in map(cpu_oversubscribed, runs) if c), default=None)
+    tail = f"; {oversubscription_text(*crowded)}" if crowded else ""
+    return (f"Scaling lost: {runs[0]['strategy']}: {'; '.join(parts)} (shares of a profiled "
+            f"batch){tail}.")
+
+
+def graph_break_sentence(runs: list[dict]) -> str:
+    listed = ", ".join(f"{run['run_id']} {run['metrics']['graph_breaks']} (engine.compile "
+                       f"{value_at(run, 'engine.compile')})" for run in runs)
+    return (f"Graph breaks: {runs[0]['strategy']} compiled its decode step with graph breaks "
+            f"({listed}): those parts run eagerly, outside the compiled graph.")
 
 
 def parity_sentence(run: dict) -> str:

@@ -12,17 +12,44 @@ INTRO = ("For each number of ranks, the fastest configuration measured here (tok
          "(shares of one profiled batch after the timed ones).")
 
 
-def recommendations(records: list[dict]) -> list[str]:
-    """One sentence per rank count, fewest ranks first."""
+def ranked(records: list[dict]) -> dict[int, list[dict]]:
+    """{rank count: its finished runs whose parity holds, fastest first}, fewest ranks first."""
     broken = {r["run_id"] for r in parity_failures(records)}
     by_ranks: dict[int, list[dict]] = {}
     for run in with_throughput(records):
         if run["run_id"] not in broken:
             by_ranks.setdefault(value_at(run, "topology.world_size") or 1, []).append(run)
+    return {ranks: sorted(runs, key=throughput, reverse=True)
+            for ranks, runs in sorted(by_ranks.items())}
+
+
+def table(records: list[dict]) -> list[dict]:
+    """The recommendation at a glance, one row of prepared cells per rank count: the best
+    configuration, its tokens/s and speedup, the next best and why it loses."""
+    rows = []
+    for ranks, runs in ranked(records).items():
+        best = runs[0]
+        speedup, scaling = value_at(best, "metrics.speedup"), value_at(best, "metrics.scaling")
+        row = {"ranks": str(ranks), "best": name(best), "tokens_per_s": f"{throughput(best):.1f}",
+               "speedup": ("baseline" if scaling == "baseline" else
+                           "—" if speedup is None else f"{speedup:.2f}x ({scaling})"),
+               "next_best": "—", "why": "the only configuration measured at this rank count"}
+        if len(runs) > 1:
+            second = runs[1]
+            row["next_best"] = f"{name(second)}, {throughput(second):.1f} tokens/s"
+            row["why"] = (f"{throughput(best) / throughput(second):.2f}x behind: "
+                          f"{breakdown_text(second, '')}")
+        rows.append(row)
+    return rows
+
+
+def recommendations(records: list[dict]) -> list[str]:
+    """One sentence per rank count, fewest ranks first."""
+    broken = {r["run_id"] for r in parity_failures(records)}
+    by_ranks = ranked(records)
     if not by_ranks:
         return ["Nothing to recommend: no run finished with a throughput and matching tokens."]
-    sentences = [for_rank_count(ranks, sorted(runs, key=throughput, reverse=True))
-                 for ranks, runs in sorted(by_ranks.items())]
+    sentences = [for_rank_count(ranks, runs) for ranks, runs in by_ranks.items()]
     if broken:
         sentences.append(f"Left out because their tokens or logits differ from the reference: "
                          f"{', '.join(sorted(broken))}.")

@@ -10,15 +10,15 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from gptbench.report.charts import CHARTS, chart_pngs
+from gptbench.report.charts import CHARTS, byte_unit, chart_pngs
 from gptbench.report.findings import findings
 from gptbench.report.recommend import INTRO as RECOMMENDATION_INTRO
 from gptbench.report.recommend import recommendations
+from gptbench.report.recommend import table as recommendation_table
 from gptbench.report.load import load_runs
 from gptbench.results import value_at, write_atomic
 
 MISSING = "—"  # what any null renders as; the record's null_reasons say why (notes section)
-GIB_BYTES = 1024**3
 SETUP_SECTIONS = ("model", "workload", "engine")
 # Topology keys that describe the setup rather than the configuration's grid.
 SETUP_TOPOLOGY_KEYS = ("nodes", "hosts", "pipeline_schedule", "partition_method", "pipe_topology")
@@ -95,6 +95,7 @@ def report_context(records: list[dict], skipped: list, pngs: dict[str, bytes], t
         "status_counts": status_counts(records),
         "recommendation_intro": RECOMMENDATION_INTRO,
         "recommendations": recommendations(records),
+        "recommendation_table": recommendation_table(records),
         "rows": [table_row(r) for r in records],
         "findings": findings(records),
         "charts": [{"file": name, "caption": CHARTS[name][0],
@@ -240,7 +241,9 @@ def memory_text(per_rank_bytes, kind: str | None = None) -> str:
     if not per_rank_bytes or all(b is None for b in per_rank_bytes):
         return MISSING
     label = "" if kind is None else f" ({MEMORY_KINDS.get(kind, kind)})"
-    return " / ".join(fmt(None if b is None else b / GIB_BYTES, ".2f") for b in per_rank_bytes) + " GiB" + label
+    unit, unit_bytes = byte_unit(max(b for b in per_rank_bytes if b is not None))
+    return (" / ".join(fmt(None if b is None else b / unit_bytes, ".2f") for b in per_rank_bytes)
+            + f" {unit}" + label)
 
 
 def bubble_text(measured, theory) -> str:
