@@ -19,20 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gptbench.runplan import effective_mode  # noqa: F401 - decided before any rank starts
+
 WARMUP_CALLS = 3  # 1: warm-up run, 2: CUDA graph recorded, 3: replayed (torch's cudagraph trees)
-
-
-def effective_mode(requested: str, device_type: str) -> str:
-    """off | default | reduce-overhead: what actually runs on `device_type`.
-
-    auto is reduce-overhead on CUDA and off on CPU (compiling a small model on a few cores
-    costs tens of seconds). reduce-overhead means CUDA graphs, which a CPU has not: there it
-    is plain inductor, i.e. default."""
-    if requested == "auto":
-        return "reduce-overhead" if device_type == "cuda" else "off"
-    if requested == "reduce-overhead" and device_type != "cuda":
-        return "default"
-    return requested
 
 
 def compile_kwargs(mode: str) -> dict:

@@ -273,7 +273,7 @@ def _check_values(cfg: RunConfig) -> None:
         raise UserError(f"parity.tolerance: must be >= 0, got {cfg.parity.tolerance}")
     if cfg.workload.warmup < 0:
         raise UserError(f"workload.warmup: must be >= 0, got {cfg.workload.warmup}")
-    from gptbench.models import PRESETS
+    from gptbench.modelspec import PRESETS
     if cfg.model.preset is not None and cfg.model.preset not in PRESETS:
         raise UserError(f"model.preset: '{cfg.model.preset}' is not one of {', '.join(PRESETS)}")
     if cfg.model.preset is not None and cfg.model.weights == "pretrained":

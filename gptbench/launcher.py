@@ -27,9 +27,10 @@ from gptbench import faults, multinode, progress, results
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
 from gptbench.hostfile import load_layout
+from gptbench.progress import ROW_MARKER
 from gptbench.rankwatch import POLL_S, RankWatch, watchdog_error
+from gptbench.results import error_path
 from gptbench.runplan import check_output_dir, resolve, run_id_for
-from gptbench.worker import ROW_MARKER, error_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = os.path.join(ROOT, "launch", "run.py")
@@ -47,12 +48,10 @@ def deepspeed_command(config_path: str | None, overrides: list[str], world: int,
     (~5 s of imports before any rank starts) and its handling of CUDA_VISIBLE_DEVICES."""
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError("DeepSpeed is not installed in this Python; run: make install")
-    from gptbench.worker import _free_port
-
     hosts = {"localhost": device_ids(world, visible_gpus)}
     world_info = base64.urlsafe_b64encode(json.dumps(hosts).encode("utf-8")).decode("ascii")
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", ENTRY]
+           "--master_addr=127.0.0.1", f"--master_port={multinode.free_port()}", ENTRY]
     if config_path:
         cmd += ["--config", config_path]
     for pair in overrides:
@@ -103,7 +102,7 @@ def prepare(config_path: str | None, overrides: list[str], ranks: int | None = N
         return Prepared(cfg, world, run_id_for(cfg, world), str(e), None)
     check_dataset(cfg, plan.model_dims["vocab_size"], plan.grid.dp)
     check_output_dir(cfg.output_dir)
-    return Prepared(cfg, world, plan.run_id, None, plan.device.type)
+    return Prepared(cfg, world, plan.run_id, None, plan.device_type)
 
 
 def check_dataset(cfg, vocab_size: int, dp: int) -> None:

@@ -124,6 +124,13 @@ def write_env_file(path: str, variables: dict[str, str]) -> str:
     return path
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for a master port (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_command(layout: Layout, entry: str, config_path: str | None, overrides: list[str],
                    output_dir: str, run_id: str, env: dict) -> tuple[list[str], dict]:
     """(DeepSpeed runner command, its environment) for one run over the layout's hosts,

@@ -29,7 +29,7 @@ SCHEDULES = ("flush", "in_flight")
 
 def model_dims(name_or_preset: str, tied_embeddings: bool = True) -> ModelDims:
     """Sizes of a preset ("tiny") or hub architecture ("gpt2-xl")."""
-    from gptbench.models import ARCHITECTURES, PRESETS  # torch: only when planning
+    from gptbench.modelspec import ARCHITECTURES, PRESETS
 
     if name_or_preset in PRESETS:
         p = PRESETS[name_or_preset]

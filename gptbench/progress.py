@@ -21,6 +21,9 @@ import threading
 from contextlib import contextmanager
 
 ENV = "GPTBENCH_PROGRESS"
+# Rank 0's line on stdout at the start of each row of a launch: the orchestrator splits the
+# launch's output into per-row logs there and times each row from it.
+ROW_MARKER = "gptbench: === row "
 RECORD_BYTES = 256  # the file is overwritten in place: one fixed-size record, space-padded
 POLL_S = 0.25
 

@@ -68,6 +68,11 @@ def write_json_atomic(path: str, data: dict) -> None:
     write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
+def error_path(output_dir: str, run_id: str, rank: int) -> str:
+    """A rank's error file: the orchestrator names the failing rank from these."""
+    return os.path.join(output_dir, "runs", ".ranks", f"{run_id}.rank{rank}.json")
+
+
 def run_path(output_dir: str, run_id: str) -> str:
     return os.path.join(output_dir, "runs", f"{run_id}.json")
 

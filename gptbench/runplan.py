@@ -3,6 +3,12 @@
 `resolve` turns a config and a world size into a `RunPlan` (grid, device, dtype, micro-
 batches, model dimensions) and raises `UserError` / `NotApplicable` for whatever cannot
 work, so `gptbench run` and the suite can refuse bad input before starting a process.
+
+The orchestrator resolves every configuration before it launches: for a CPU run of a
+preset or a known architecture that imports neither torch nor transformers (seconds per
+process on a small machine). torch is imported where the answer needs it: engine.device
+auto or cuda (is there a GPU?), a hub checkpoint's config, a dataset of prompts, and
+`plan.device` / `plan.dtype` (torch objects) in the ranks.
 """
 from __future__ import annotations
 
@@ -10,14 +16,12 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-import torch
-
 from gptbench.config import RunConfig
 from gptbench.errors import UserError
 from gptbench import topology
 from gptbench.topology import Grid, check_against_model, make_grid, micro_batches
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # the torch dtypes of workload.dtype
 
 
 @dataclass(frozen=True)
@@ -25,12 +29,27 @@ class RunPlan:
     cfg: RunConfig
     grid: Grid
     run_id: str
-    device: torch.device
-    dtype: torch.dtype
+    device_type: str            # cpu | cuda
+    device_index: int | None    # the local rank's GPU; None on CPU
+    dtype_name: str             # float32 | bfloat16 | float16
     micro_batches: int
     threads: int
     model_dims: dict  # name, weights, preset, n_layer, n_head, n_embd, vocab_size, n_positions
     compile_mode: str = "off"  # effective engine.compile: off | default | reduce-overhead
+
+    @property
+    def device(self):
+        """This rank's torch.device."""
+        import torch
+
+        return torch.device(self.device_type, self.device_index)
+
+    @property
+    def dtype(self):
+        """The run's torch dtype."""
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
     def load_model(self):
         from gptbench.models import load_model
@@ -39,7 +58,7 @@ class RunPlan:
         return load_model(m.name, m.weights, m.preset, self.dtype, self.device, m.seed,
                           m.tie_embeddings)
 
-    def batches(self, rank: int) -> list[torch.Tensor]:
+    def batches(self, rank: int) -> list:
         """This rank's replica's disjoint shard of the samples, in batches (on device)."""
         w = self.cfg.workload
         samples = workload_samples(self.cfg, self.model_dims["vocab_size"], self.grid.dp)
@@ -55,7 +74,7 @@ def holds_token_ids(path: str) -> bool:
     return '"input_ids"' in first
 
 
-def workload_samples(cfg: RunConfig, vocab_size: int, dp: int) -> torch.Tensor:
+def workload_samples(cfg: RunConfig, vocab_size: int, dp: int):
     """(dp * num_samples, input_len) token ids, the same on every rank (seeded)."""
     from gptbench import datasets
 
@@ -112,30 +131,48 @@ def run_id_for(cfg: RunConfig, world_size: int) -> str:
 
 
 def model_dims(cfg: RunConfig) -> dict:
-    from gptbench.models import gpt2_config
+    from gptbench import modelspec
 
-    try:
-        c = gpt2_config(cfg.model.name, cfg.model.preset, cfg.model.tie_embeddings)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model.name: cannot read the config of '{cfg.model.name}' "
-                        f"({str(e).splitlines()[0]})") from None
-    return {"name": cfg.model.name, "weights": cfg.model.weights, "preset": cfg.model.preset,
-            "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
-            "vocab_size": c.vocab_size, "n_positions": c.n_positions,
-            "tied_embeddings": bool(c.tie_word_embeddings)}
+    m = cfg.model
+    dims = modelspec.dims(m.name, m.preset, m.tie_embeddings)
+    if dims is None:  # a hub checkpoint: only transformers knows where its config is
+        from gptbench.models import gpt2_config
+
+        try:
+            c = gpt2_config(m.name, m.preset, m.tie_embeddings)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.name: cannot read the config of '{m.name}' "
+                            f"({str(e).splitlines()[0]})") from None
+        dims = {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+                "vocab_size": c.vocab_size, "n_positions": c.n_positions,
+                "tied_embeddings": bool(c.tie_word_embeddings)}
+    return {"name": m.name, "weights": m.weights, "preset": m.preset, **dims}
 
 
-def select_device(cfg: RunConfig, local_rank: int, local_size: int | None = None) -> torch.device:
-    """cuda:<local rank>, or cpu. `local_size`: the ranks on this machine (default: up to
-    this one), each of which needs its own GPU."""
+def device_spec(cfg: RunConfig, local_rank: int, local_size: int | None = None
+                ) -> tuple[str, int | None]:
+    """("cuda", local rank) or ("cpu", None); torch is asked only when engine.device is
+    auto or cuda. `local_size`: the ranks on this machine (default: up to this one), each
+    of which needs its own GPU."""
     want = cfg.engine.device
+    if want == "cpu":
+        return "cpu", None
+    import torch
+
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         check_gpu_count(max(local_size or 0, local_rank + 1), count)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+        return "cuda", local_rank
+    return "cpu", None
+
+
+def select_device(cfg: RunConfig, local_rank: int, local_size: int | None = None):
+    """This rank's torch.device: cuda:<local rank>, or cpu (device_spec)."""
+    import torch
+
+    return torch.device(*device_spec(cfg, local_rank, local_size))
 
 
 def check_gpu_count(local_ranks: int, gpus_seen: int) -> None:
@@ -149,14 +186,21 @@ def check_gpu_count(local_ranks: int, gpus_seen: int) -> None:
             f"{'unset' if visible is None else repr(visible)})")
 
 
-def select_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+def dtype_name(cfg: RunConfig, device_type: str) -> str:
     name = cfg.workload.dtype
     if name == "auto":
-        name = "float16" if device.type == "cuda" else "float32"
-    if name == "float16" and device.type == "cpu":
+        name = "float16" if device_type == "cuda" else "float32"
+    if name == "float16" and device_type == "cpu":
         raise UserError("workload.dtype: float16 is refused by DeepSpeed's CPU accelerator; "
                         "use float32 or bfloat16 on CPU")
-    return DTYPES[name]
+    return name
+
+
+def select_dtype(cfg: RunConfig, device):
+    """The run's torch dtype on `device` (a torch.device)."""
+    import torch
+
+    return getattr(torch, dtype_name(cfg, device.type))
 
 
 # DeepSpeed 0.19.8's GPT-2 kernel-injection container replaces GPT2Block with a layer that
@@ -229,26 +273,24 @@ def resolve(cfg: RunConfig, world_size: int, local_rank: int = 0,
 
         dsconfig.load(cfg)  # a missing or malformed DeepSpeed JSON is bad input
     local_size = local_size or world_size
-    device = select_device(cfg, local_rank, local_size)
-    if (e.kernel_inject or e.cuda_graph) and device.type != "cuda":
+    device_type, device_index = device_spec(cfg, local_rank, local_size)
+    if (e.kernel_inject or e.cuda_graph) and device_type != "cuda":
         raise UserError("engine.kernel_inject/cuda_graph: DeepSpeed's fused kernels are CUDA-only")
-    dtype = select_dtype(cfg, device)
-    compile_mode = resolve_compile(cfg, device.type)
+    dtype = dtype_name(cfg, device_type)
+    compile_mode = resolve_compile(cfg, device_type)
     check_schedule(cfg, grid, m)
     if cfg.model.weights == "pretrained":
         from gptbench.models import check_checkpoint
 
         check_checkpoint(cfg.model.name)  # after the GPUs: a missing GPU is the first thing to say
     threads = e.threads or max(1, (os.cpu_count() or 1) // local_size)
-    return RunPlan(cfg=cfg, grid=grid, run_id=run_id_for(cfg, world_size), device=device,
-                   dtype=dtype, micro_batches=m, threads=threads, model_dims=dims,
-                   compile_mode=compile_mode)
+    return RunPlan(cfg=cfg, grid=grid, run_id=run_id_for(cfg, world_size),
+                   device_type=device_type, device_index=device_index, dtype_name=dtype,
+                   micro_batches=m, threads=threads, model_dims=dims, compile_mode=compile_mode)
 
 
 def resolve_compile(cfg: RunConfig, device_type: str) -> str:
     """The effective engine.compile of this run (gptbench/compiled.py), or UserError."""
-    from gptbench.compiled import effective_mode
-
     e = cfg.engine
     if e.backend == "hf_eager":
         if e.compile not in ("auto", "off"):
@@ -269,6 +311,19 @@ def resolve_compile(cfg: RunConfig, device_type: str) -> str:
         return effective_mode("reduce-overhead" if e.compile == "auto" else e.compile,
                               device_type)
     return effective_mode(e.compile, device_type)
+
+
+def effective_mode(requested: str, device_type: str) -> str:
+    """off | default | reduce-overhead: what actually runs on `device_type`.
+
+    auto is reduce-overhead on CUDA and off on CPU (compiling a small model on a few cores
+    costs tens of seconds). reduce-overhead means CUDA graphs, which a CPU has not: there it
+    is plain inductor, i.e. default."""
+    if requested == "auto":
+        return "reduce-overhead" if device_type == "cuda" else "off"
+    if requested == "reduce-overhead" and device_type != "cuda":
+        return "default"
+    return requested
 
 
 def check_schedule(cfg: RunConfig, grid: Grid, micro_batches: int) -> None:

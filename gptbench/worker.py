@@ -21,6 +21,8 @@ from gptbench import faults, multinode, parity, progress, results
 from gptbench.compiled import CompileStats
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
+from gptbench.progress import ROW_MARKER
+from gptbench.results import error_path
 from gptbench.runplan import RunPlan, check_output_dir, resolve, run_id_for
 from gptbench.strategies import REGISTRY
 from gptbench.strategies.base import RankContext
@@ -43,10 +45,6 @@ def dist_env() -> tuple[int, int, int, int]:
     local = int(os.environ.get("LOCAL_RANK", 0))
     local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
     return rank, world, local, local_size
-
-
-def error_path(output_dir: str, run_id: str, rank: int) -> str:
-    return os.path.join(output_dir, "runs", ".ranks", f"{run_id}.rank{rank}.json")
 
 
 def init_distributed(plan: RunPlan, rank: int, world: int, local_size: int) -> None:
@@ -72,12 +70,7 @@ def init_distributed(plan: RunPlan, rank: int, world: int, local_size: int) -> N
         dist_backend="nccl" if plan.device.type == "cuda" else "gloo", timeout=timeout)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = multinode.free_port  # where the other modules have always taken it from
 
 
 def _shm_allreduce_active() -> bool:
@@ -294,9 +287,6 @@ def _plans(args, rank: int, world: int, local_rank: int, local_size: int) -> lis
                          {"status": "failed", "error": str(e), "traceback": None})
             raise
     return plans
-
-
-ROW_MARKER = "gptbench: === row "  # rank 0's line at the start of each row of a launch
 
 
 def between_rows(device) -> None:

@@ -178,3 +178,57 @@ def test_every_rank_of_a_gpu_run_is_counted_up_front():
     """Local rank 0 alone would find its GPU; the run as a whole is refused."""
     with pytest.raises(UserError, match=re.escape("cuda requested for 4 rank(s)")):
         resolve(cfg(engine__device="cuda", strategy="tp"), 4)
+
+
+# ---- what the orchestrator pays before it launches -------------------------------------------
+
+def test_the_orchestrator_validates_a_cpu_suite_without_torch_transformers_or_deepspeed():
+    """`gptbench suite` checks every configuration of the demo before launching: for a CPU
+    suite of a preset none of the heavy libraries is imported (each costs seconds per process)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys\n"
+            "from gptbench import suite\n"
+            "s = suite.load_suite('deepspeed_configs/demo-cpu.yaml')\n"
+            "suite.check(s, 'demo')\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_plan_device_and_dtype_are_torch_objects_decided_without_torch():
+    plan = resolve(cfg(engine__device="cpu", workload__dtype="bfloat16"), 2)
+    assert (plan.device_type, plan.device_index, plan.dtype_name) == ("cpu", None, "bfloat16")
+    assert plan.device == torch.device("cpu") and plan.dtype == torch.bfloat16
+    assert plan.compile_mode == "off"
+
+
+@pytest.mark.parametrize("name,preset", [("tiny", "tiny"), ("small", "small"), ("gpt2", None),
+                                         ("gpt2-medium", None), ("gpt2-xl", None)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_dims_without_transformers_match_gpt2config(name, preset, tied):
+    from gptbench import modelspec
+    from gptbench.models import gpt2_config
+
+    c = gpt2_config(name, preset, tied)
+    assert modelspec.dims(name, preset, tied) == {
+        "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
+        "n_positions": c.n_positions, "tied_embeddings": bool(c.tie_word_embeddings)}
+
+
+def test_model_dims_of_a_local_checkpoint_match_gpt2config(tmp_path):
+    from gptbench import modelspec
+    from gptbench.models import gpt2_config
+
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 3, "n_head": 4, '
+                                          '"n_embd": 64, "tie_word_embeddings": false}')
+    c = gpt2_config(str(tmp_path), None)
+    assert modelspec.dims(str(tmp_path), None) == {
+        "n_layer": 3, "n_head": 4, "n_embd": 64, "vocab_size": c.vocab_size,
+        "n_positions": c.n_positions, "tied_embeddings": bool(c.tie_word_embeddings)}
+    assert modelspec.dims("openai-community/gpt2-xl", None) is None  # only from_pretrained knows
