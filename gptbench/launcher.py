@@ -354,6 +354,10 @@ def _launch_rows(config_path, batch, env: dict, progress_position, layout) -> li
         wall = time.monotonic() - logs.started if logs.current == p.run_id else 0.0
         record = finalize(p.cfg, p.run_id, world, proc.returncode, timed_out == p.run_id,
                           wall, watch if logs.current == p.run_id else None)
+        peak = record.get("rank_peak_rss_bytes")
+        if peak and row is not rows[0]:  # the watch forgot the earlier rows' peaks
+            peak["source"] += ", since this row started (each rank resets VmHWM at a row's start)"
+            results.write_json_atomic(path, record)
         finished.append(multinode.annotate(record, layout, path) if layout else record)
         break
     return finished

@@ -13,6 +13,7 @@ from gptbench.errors import UserError
 from gptbench.report import charts, findings
 from gptbench.report.load import load_runs
 from gptbench.report.render import SUMMARY_COLUMNS, render_report
+from gptbench.results import value_at
 from records import edit_run as edit
 
 FIXTURE_SUITE = Path(__file__).parent / "fixtures" / "suite"
@@ -413,3 +414,23 @@ def test_a_speedup_beyond_linear_is_called_suspect(tmp_path):
     assert sentence.startswith("More than linear speedup (2gpu-dp2 159%, 4gpu-dp4 156%): usually the baseline "
                                "(1gpu-dp1) ran slower than it can")
     assert "--only 1gpu-dp1" in sentence
+
+
+def test_latency_axes_fit_their_bars(tmp_path):
+    """One slow p99 beside medians of a few ms: the axis turns logarithmic, so the short bars
+    still show, and every bar lies inside the axis; a narrow spread keeps a linear axis."""
+    suite_dir = copy_suite(tmp_path / "suite")
+    records, _ = load_runs(suite_dir)
+    ttft_ax, tpot_ax = charts.latency_chart(records).axes[:2]
+    for ax, metric in ((ttft_ax, "ttft_ms"), (tpot_ax, "tpot_ms")):
+        values = [v for r in records if r["status"] == "ok" and value_at(r, f"metrics.{metric}")
+                  for v in (r["metrics"][metric].get(q) for q in ("p50", "p90", "p99")) if v]
+        low, high = ax.get_ylim()
+        assert low <= min(values) and high >= max(values)
+        assert ax.get_yscale() == ("log" if max(values) / min(values) > charts.LOG_AXIS_ABOVE else "linear")
+    slow = next(r for r in records if r["status"] == "ok" and value_at(r, "metrics.tpot_ms"))
+    slow["metrics"]["tpot_ms"]["p99"] = 600 * max(
+        v for r in records if r["status"] == "ok" and value_at(r, "metrics.tpot_ms")
+        for v in (r["metrics"]["tpot_ms"]["p50"],))
+    tpot_ax = charts.latency_chart(records).axes[1]
+    assert tpot_ax.get_yscale() == "log" and tpot_ax.get_ylim()[1] >= slow["metrics"]["tpot_ms"]["p99"]

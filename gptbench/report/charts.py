@@ -110,11 +110,33 @@ def latency_chart(records: list[dict]) -> Figure | None:
     labels = [r["run_id"] for r in runs]
     axes = figure.subplots(1, 2)
     for ax, metric, title in zip(axes, ("ttft_ms", "tpot_ms"), ("Time to first token", "Time per output token")):
-        grouped_bars(ax, labels, {q: [r["metrics"][metric].get(q) for r in runs] for q in ("p50", "p90", "p99")})
-        ax.set_ylabel("ms")
+        series = {q: [r["metrics"][metric].get(q) for r in runs] for q in ("p50", "p90", "p99")}
+        grouped_bars(ax, labels, series)
+        fit_axis(ax, [v for values in series.values() for v in values if v])
         ax.set_title(title)
     legend_outside(axes[1])
     return figure
+
+
+# Above this ratio of the tallest bar to the shortest, a linear axis flattens the short
+# bars to nothing (one slow p99 beside 2 ms medians): the axis turns logarithmic.
+LOG_AXIS_ABOVE = 20
+
+
+def fit_axis(ax, values: list[float], unit: str = "ms") -> None:
+    """An axis on which every bar of `values` (positive) shows: from 0 (linear) or from
+    below the shortest bar (log), to above the tallest."""
+    if not values:
+        ax.set_ylabel(unit)
+        return
+    low, high = min(values), max(values)
+    if high / low > LOG_AXIS_ABOVE:
+        ax.set_yscale("log")
+        ax.set_ylim(low / 1.5, high * 1.5)
+        ax.set_ylabel(f"{unit} (log scale)")
+    else:
+        ax.set_ylim(0, high * 1.08)
+        ax.set_ylabel(unit)
 
 
 def memory_chart(records: list[dict]) -> Figure | None:
