@@ -20,7 +20,7 @@ from gptbench.trackers import latency
 from gptbench.trackers.comm import CommTracker
 from gptbench.trackers.gpu_util import sampler_for
 from gptbench.trackers.memory import MemoryTracker
-from gptbench.trackers.timing import synchronize
+from gptbench.trackers.timing import Stamps
 
 
 def _barrier():
@@ -48,7 +48,6 @@ def run_layout(plan) -> sharding.Layout:
 
 def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) -> dict:
     cfg, device = plan.cfg, plan.device
-    sync = lambda: synchronize(device)  # noqa: E731
     out: dict = {"rank": rank, "coords": list(plan.grid.coords(rank)), "parity": None}
 
     with torch.no_grad():
@@ -67,7 +66,7 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
         barrier = progress.counting_barrier(_barrier, len(batches), cfg.workload.iterations)
         timing = runner.run_timed(gen, batches, cfg.workload.output_len,
                                   cfg.workload.iterations, cfg.workload.warmup,
-                                  barrier=barrier, sync=sync, hook=inject)
+                                  barrier=barrier, device=device, hook=inject)
         sampler.stop()
         memory.stop()
 
@@ -105,23 +104,21 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
 
 
 def batch_marks(gen, ids, output_len: int, device) -> tuple[list[float], int]:
-    """Run one batch; return (marks, decode steps): the batch's start, the end of the
-    prefill (the start of the decode), then the end of each decode step, or only the
-    batch's end where the generator runs its own loop (`generate_timed`: the in-flight
-    pipeline, where micro-batches are at different steps; Hugging Face `generate`)."""
-    readings: list[float] = []
+    """Run one batch; return (marks, decode steps): host clock readings of the batch's start,
+    the end of the prefill (the start of the decode), then the end of each decode step, or
+    only the batch's end where the generator runs its own loop (`generate_timed`: the
+    in-flight pipeline, where micro-batches are at different steps; Hugging Face
+    `generate`). Host readings (trackers/timing.py Stamps in host mode, on every device):
+    they are aligned with the collectives the profiled batch logs."""
+    stamps = Stamps(device, host=True)
     decode_hooks: list[float] = []
-
-    def clock() -> float:  # generate_batch reads: start, after prefill, after each step
-        readings.append(time.perf_counter())
-        return readings[-1]
 
     def hook(point: str) -> None:  # the in-flight schedule calls "decode" once, at step 1
         if point == "decode":
             decode_hooks.append(time.perf_counter())
 
-    _, _, timing = runner.generate_batch(gen, ids, output_len, clock=clock,
-                                         sync=lambda: synchronize(device), hook=hook)
+    _, _, timing = runner.generate_batch(gen, ids, output_len, stamps, hook=hook)
+    readings = stamps.readings  # every rank takes at least its start and its end
     if not hasattr(gen, "generate_timed"):
         return readings, output_len - 1
     start, end = readings[0], readings[-1]
