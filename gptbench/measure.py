@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import statistics
 import time
 
 import torch
 
 from gptbench import parity, progress, runner, sharding
-from gptbench.trackers import latency
+from gptbench.trackers import decode_profile, latency
 from gptbench.trackers.comm import CommTracker
 from gptbench.trackers.gpu_util import sampler_for
 from gptbench.trackers.memory import MemoryTracker
@@ -84,6 +85,10 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             memory_kind=memory.kind,
         )
         out["gpu_util_pct"], out["gpu_util_reason"] = sampler.result()
+        progress.phase("profiling decode steps")
+        out["decode_profile"], out["decode_profile_reason"] = decode_profile.profile(
+            gen, batches[0], device, decode_floor_s(plan),
+            statistics.median(out["tpot_s"]) if out["tpot_s"] else None)
         if cfg.engine.profile_comm:
             progress.phase("profiling one batch")
             # The tracker wraps DeepSpeed's collectives in timed Python calls; inside a
@@ -101,6 +106,20 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             out["profile"]["latency_s"] = probe_latencies(run_layout(plan), plan.grid, device)
     progress.phase("gathering results")
     return out
+
+
+def decode_floor_s(plan) -> float | None:
+    """Seconds this run's slowest rank needs per decode step to read its bytes at the
+    device's bandwidth (gptbench/roofline.py), where the device is known."""
+    from gptbench.roofline import match_device
+
+    if plan.device.type != "cuda":
+        return None
+    spec = match_device(torch.cuda.get_device_name(plan.device))
+    if spec is None:
+        return None
+    lay = run_layout(plan)
+    return lay.decode_step_bytes(lay.slowest()) / spec.memory_bandwidth_bytes_per_s
 
 
 def batch_marks(gen, ids, output_len: int, device) -> tuple[list[float], int]:

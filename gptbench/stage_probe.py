@@ -56,7 +56,7 @@ def probe(device: torch.device, dtype: torch.dtype, mode: str, preset: str = "sm
                         generator=torch.Generator().manual_seed(0)).to(device)
     out = {"preset": preset, "batch": batch, "micro_batches": m, "input_len": input_len,
            "steps": steps, "mode": mode}
-    options = compiled.InductorOptions(mode=mode)
+    options = compiled.InductorOptions(mode=mode) if mode != "off" else None
     for name, arm in (("eager", None), ("compiled", options)):
         stage = Stage(_layers(model), model.config, PipeState(device), device, dtype,
                       arm, input_len + steps)

@@ -209,6 +209,7 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
     figures.model_metrics(plan, ranks, metrics, record["env"], reasons)
     metrics.update(compile_metrics(ranks, plan.compile_mode, reasons))
+    metrics["decode_profile"] = decode_profile_of(ranks, reasons)
     record["metrics"], record["null_reasons"] = metrics, reasons
     record["parity"] = results.aggregate_parity(ranks)
     if record["parity"] is None:
@@ -235,6 +236,17 @@ def compile_metrics(ranks: list[dict], mode: str, reasons: dict) -> dict:
                         # the decode graph of each rank role (ranks of one role compile the
                         # same graph): the most inputs, copies and launches any rank has
                         "decode_graph": _worst_graph([x.get("decode_graph") for x in c])}}
+
+
+def decode_profile_of(ranks: list[dict], reasons: dict) -> dict | None:
+    """The decode profile of the slowest profiled rank (the one with the longest step)."""
+    profiles = [r["decode_profile"] for r in ranks if r.get("decode_profile")]
+    if not profiles:
+        reasons["metrics.decode_profile"] = next(
+            (r["decode_profile_reason"] for r in ranks if r.get("decode_profile_reason")),
+            "no rank profiled its decode steps")
+        return None
+    return max(profiles, key=lambda p: p["step_ms"])
 
 
 def _worst_graph(graphs: list) -> dict | None:
