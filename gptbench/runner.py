@@ -84,11 +84,16 @@ def generate_batch(gen, ids: torch.Tensor, output_len: int, clock: Callable = ti
 
 def run_timed(gen, batches: list[torch.Tensor], output_len: int, iterations: int, warmup: int,
               barrier: Callable, clock: Callable = time.perf_counter, sync: Callable = no_sync,
-              hook: Callable = lambda point: None) -> RankTiming:
+              hook: Callable = lambda point: None,
+              keep_going: Callable[[RankTiming], bool] | None = None) -> RankTiming:
+    """Warm-up, then `iterations` timed passes over `batches`, then more passes while
+    `keep_going(timing)` says so (asked after each pass from the last of `iterations` on;
+    on several ranks it must be collective, so that every rank runs as many passes)."""
     for i in range(warmup):
         generate_batch(gen, batches[i % len(batches)], output_len)
     timing = RankTiming()
-    for _ in range(iterations):
+    while (len(timing.iteration_wall_s) < iterations
+           or (keep_going is not None and keep_going(timing))):
         barrier()
         sync()
         start = clock()
