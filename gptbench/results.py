@@ -223,6 +223,23 @@ FIELD_TYPES = {
     "metrics.predicted": dict, "metrics.predicted.tpot_ms": NUMBER,
     "metrics.model_memory_bytes": dict,
     **{f"metrics.model_memory_bytes.{part}": LIST_OF_NUMBERS for part in ("per_rank", "weights", "kv")},
+    "workload.iterations": int, "workload.min_duration_s": NUMBER,
+    "metrics.generated_tokens": int,
+    "metrics.timed_passes": dict, "metrics.timed_passes.count": int,
+    "metrics.timed_passes.wall_s": NUMBER, "metrics.timed_passes.stopped_by": str,
+    "metrics.batches": dict,
+    **{f"metrics.batches.{part}": LIST_OF_NUMBERS
+       for part in ("tokens", "wall_s", "ttft_ms_p50", "tpot_ms_p50")},
+    "metrics.intervals": dict, "metrics.intervals.method": str,
+    "metrics.intervals.confidence": NUMBER, "metrics.intervals.seed": int,
+    "metrics.intervals.resamples": int, "metrics.intervals.batches": int,
+    **{f"metrics.intervals.{name}": LIST_OF_NUMBERS
+       for name in ("throughput_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50")},
+    "metrics.validity": dict, "metrics.validity.verdict": str,
+    "metrics.validity.reasons": list,
+    "metrics.energy": dict,
+    **{f"metrics.energy.{name}": NUMBER for name in ("joules", "average_watts", "joules_per_token")},
+    "metrics.energy.per_rank_joules": LIST_OF_NUMBERS,
     "parity.tokens_match": bool, "parity.passed": bool, "parity.max_abs_logit_diff": NUMBER,
     "parity.tolerance": NUMBER, "parity.token_match_rate": NUMBER,
 }
