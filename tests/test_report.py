@@ -95,7 +95,7 @@ def test_md_table_row_holds_the_formatted_numbers(rendered):
     md = (rendered[0] / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| 4gpu-tp2-dp2 | tensor_data_hybrid"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert cells == ["4gpu-tp2-dp2", "tensor_data_hybrid", "4", "dp2 tp2 pp1", "ok", "353.4", "2.19x", "54.8%",
+    assert cells == ["4gpu-tp2-dp2", "tensor_data_hybrid", "4", "dp2 tp2 pp1", "ok", "—", "353.4", "2.19x", "54.8%",
                      "weak", "1457.5", "47.0%"]
 
 
