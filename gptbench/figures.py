@@ -210,8 +210,7 @@ def intervals(metrics: dict, figures: dict, reasons: dict) -> dict | None:
             out[f"{key}_p50"] = None
             reasons[f"metrics.intervals.{key}_p50"] = "no values (output_len 1 has no decode step)"
             continue
-        out[f"{key}_p50"] = stats.percentile_interval(
-            stats.pooled_percentile_bootstrap([g for g in groups], 50))
+        out[f"{key}_p50"] = stats.percentile_interval(stats.pooled_percentile_bootstrap(groups, 50))
     return out
 
 
@@ -262,7 +261,8 @@ def quality_metrics(plan, ranks: list[dict], metrics: dict, reasons: dict) -> No
     first = ranks[0]["timed_passes"]
     metrics["timed_passes"] = {"count": first["count"], "wall_s": metrics["timed_wall_s"],
                                "min_iterations": w.iterations, "min_duration_s": w.min_duration_s,
-                               "stopped_by": first["stopped_by"]}
+                               "stopped_by": first["stopped_by"],
+                               "per_rank_count": [r["timed_passes"]["count"] for r in ranks]}
     figures = batch_figures(ranks)
     metrics["batches"] = {
         "tokens": figures["tokens"], "wall_s": [_compact(x) for x in figures["wall_s"]],
