@@ -85,6 +85,11 @@ class EngineConfig:
     # torch.compile of the decode step over a static KV cache; auto: reduce-overhead (CUDA
     # graphs) on CUDA, off on CPU
     compile: str = "auto"
+    # how the decode step is compiled (gptbench/compiled.py InductorOptions)
+    freezing: bool = True              # parameters inlined as constants, not graph inputs
+    tuning: str = "none"               # none | coordinate_descent | max_autotune
+    attention: str = "math"            # math (inductor fuses it) | sdpa
+    skip_guard_eval: bool = True       # after warm-up, evaluate only distinguishing guards
     kernel_inject: bool = False
     cuda_graph: bool = False
     threads: typing.Optional[int] = None  # torch threads per rank; None: cores / local ranks
@@ -111,6 +116,8 @@ CHOICES = {
     "engine.device": DEVICES, "topology.partition_method": PARTITION_METHODS,
     "engine.backend": BACKENDS, "topology.pipe_topology": PIPE_TOPOLOGIES,
     "engine.compile": COMPILE_MODES, "topology.pipeline_schedule": PIPELINE_SCHEDULES,
+    "engine.tuning": ("none", "coordinate_descent", "max_autotune"),
+    "engine.attention": ("math", "sdpa"),
 }
 POSITIVE = {"topology.world_size", "topology.tp", "topology.pp", "topology.micro_batches",
             "workload.batch_size", "workload.input_len", "workload.output_len",

@@ -12,17 +12,18 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import statistics
 import time
 
 import torch
 
 from gptbench import parity, progress, runner, sharding
 from gptbench.compiled import CompileStats, snapshot
-from gptbench.trackers import energy, latency
+from gptbench.trackers import decode_profile, energy, latency
 from gptbench.trackers.comm import CommTracker
 from gptbench.trackers.gpu_util import sampler_for
 from gptbench.trackers.memory import MemoryTracker
-from gptbench.trackers.timing import synchronize
+from gptbench.trackers.timing import Stamps
 
 
 def _barrier():
@@ -50,7 +51,6 @@ def run_layout(plan) -> sharding.Layout:
 
 def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) -> dict:
     cfg, device = plan.cfg, plan.device
-    sync = lambda: synchronize(device)  # noqa: E731
     out: dict = {"rank": rank, "coords": list(plan.grid.coords(rank)), "parity": None}
 
     with torch.no_grad():
@@ -72,7 +72,7 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
         rule = ContinueRule(cfg.workload.min_duration_s, pass_deadline(cfg.timeout_s), device)
         timing = runner.run_timed(gen, batches, cfg.workload.output_len,
                                   cfg.workload.iterations, cfg.workload.warmup,
-                                  barrier=barrier, sync=sync, hook=inject,
+                                  barrier=barrier, device=device, hook=inject,
                                   keep_going=rule if cfg.workload.min_duration_s > 0 else None)
         region.stop()
         sampler.stop()
@@ -98,6 +98,10 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
         )
         out["gpu_util_pct"], out["gpu_util_reason"] = sampler.result()
         out["energy"], out["energy_reason"] = region.meter.result()
+        progress.phase("profiling decode steps")
+        out["decode_profile"], out["decode_profile_reason"] = decode_profile.profile(
+            gen, batches[0], device, decode_floor_s(plan),
+            statistics.median(out["tpot_s"]) if out["tpot_s"] else None)
         if cfg.engine.profile_comm:
             progress.phase("profiling one batch")
             # The tracker wraps DeepSpeed's collectives in timed Python calls; inside a
@@ -192,24 +196,36 @@ class ContinueRule:
         return short and not late
 
 
-def batch_marks(gen, ids, output_len: int, device) -> tuple[list[float], int]:
-    """Run one batch; return (marks, decode steps): the batch's start, the end of the
-    prefill (the start of the decode), then the end of each decode step, or only the
-    batch's end where the generator runs its own loop (`generate_timed`: the in-flight
-    pipeline, where micro-batches are at different steps; Hugging Face `generate`)."""
-    readings: list[float] = []
-    decode_hooks: list[float] = []
+def decode_floor_s(plan) -> float | None:
+    """Seconds this run's slowest rank needs per decode step to read its bytes at the
+    device's bandwidth (gptbench/roofline.py), where the device is known."""
+    from gptbench.roofline import match_device
 
-    def clock() -> float:  # generate_batch reads: start, after prefill, after each step
-        readings.append(time.perf_counter())
-        return readings[-1]
+    if plan.device.type != "cuda":
+        return None
+    spec = match_device(torch.cuda.get_device_name(plan.device))
+    if spec is None:
+        return None
+    lay = run_layout(plan)
+    return lay.decode_step_bytes(lay.slowest()) / spec.memory_bandwidth_bytes_per_s
+
+
+def batch_marks(gen, ids, output_len: int, device) -> tuple[list[float], int]:
+    """Run one batch; return (marks, decode steps): host clock readings of the batch's start,
+    the end of the prefill (the start of the decode), then the end of each decode step, or
+    only the batch's end where the generator runs its own loop (`generate_timed`: the
+    in-flight pipeline, where micro-batches are at different steps; Hugging Face
+    `generate`). Host readings (trackers/timing.py Stamps in host mode, on every device):
+    they are aligned with the collectives the profiled batch logs."""
+    stamps = Stamps(device, host=True)
+    decode_hooks: list[float] = []
 
     def hook(point: str) -> None:  # the in-flight schedule calls "decode" once, at step 1
         if point == "decode":
             decode_hooks.append(time.perf_counter())
 
-    _, _, timing = runner.generate_batch(gen, ids, output_len, clock=clock,
-                                         sync=lambda: synchronize(device), hook=hook)
+    _, _, timing = runner.generate_batch(gen, ids, output_len, stamps, hook=hook)
+    readings = stamps.readings  # every rank takes at least its start and its end
     if not hasattr(gen, "generate_timed"):
         return readings, output_len - 1
     start, end = readings[0], readings[-1]
