@@ -10,6 +10,7 @@ The pipeline's per-stage busy time (PipeState.profile / busy_s) is taken on that
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import statistics
 import time
@@ -17,7 +18,8 @@ import time
 import torch
 
 from gptbench import parity, progress, runner, sharding
-from gptbench.trackers import decode_profile, latency
+from gptbench.compiled import CompileStats, snapshot
+from gptbench.trackers import decode_profile, energy, latency
 from gptbench.trackers.comm import CommTracker
 from gptbench.trackers.gpu_util import sampler_for
 from gptbench.trackers.memory import MemoryTracker
@@ -61,13 +63,18 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
 
         memory = MemoryTracker(device)
         sampler = sampler_for(device)  # only the GPU this rank uses; none on CPU
+        region = TimedRegion(energy.meter_for(device))
         memory.reset()
         sampler.start()
         progress.phase("warm-up")
-        barrier = progress.counting_barrier(_barrier, len(batches), cfg.workload.iterations)
+        barrier = region.starting(
+            progress.counting_barrier(_barrier, len(batches), cfg.workload.iterations))
+        rule = ContinueRule(cfg.workload.min_duration_s, pass_deadline(cfg.timeout_s), device)
         timing = runner.run_timed(gen, batches, cfg.workload.output_len,
                                   cfg.workload.iterations, cfg.workload.warmup,
-                                  barrier=barrier, device=device, hook=inject)
+                                  barrier=barrier, device=device, hook=inject,
+                                  keep_going=rule if cfg.workload.min_duration_s > 0 else None)
+        region.stop()
         sampler.stop()
         memory.stop()
 
@@ -75,6 +82,11 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             ttft_s=[x for b in timing.batches for x in b.ttfts_s],
             tpot_s=[x for b in timing.batches for x in b.tpot_s],
             e2e_s=[b.e2e_s for b in timing.batches],
+            batch_ttft_s=[b.ttfts_s for b in timing.batches],
+            batch_tpot_s=[b.tpot_s for b in timing.batches],
+            batches_per_pass=len(batches),
+            timed_passes={"count": len(timing.iteration_wall_s), "stopped_by": rule.stopped_by},
+            **region.facts(),
             iteration_wall_s=timing.iteration_wall_s,
             iteration_tokens=timing.iteration_tokens,
             timed_wall_s=timing.timed_wall_s,
@@ -85,6 +97,7 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             memory_kind=memory.kind,
         )
         out["gpu_util_pct"], out["gpu_util_reason"] = sampler.result()
+        out["energy"], out["energy_reason"] = region.meter.result()
         progress.phase("profiling decode steps")
         out["decode_profile"], out["decode_profile_reason"] = decode_profile.profile(
             gen, batches[0], device, decode_floor_s(plan),
@@ -106,6 +119,81 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             out["profile"]["latency_s"] = probe_latencies(run_layout(plan), plan.grid, device)
     progress.phase("gathering results")
     return out
+
+
+class TimedRegion:
+    """What is read at the edges of the timed passes (after the warm-up, at the first timed
+    barrier; after the last pass): the GPU's energy counter, the load average, torch's
+    compile counters."""
+
+    def __init__(self, meter: energy.EnergyMeter):
+        self.meter = meter
+        self.load_avg_1m: list[float | None] = []
+        self._compile = None
+
+    def starting(self, barrier):
+        """`barrier`, which opens the region on its first call."""
+        def first_then_barrier():
+            if self._compile is None:
+                self._compile = snapshot()
+                self.load_avg_1m.append(_load_avg_1m())
+                self.meter.start()
+            barrier()
+        return first_then_barrier
+
+    def stop(self) -> None:
+        self.meter.stop()
+        self.load_avg_1m.append(_load_avg_1m())
+
+    def facts(self) -> dict:
+        graphs = CompileStats.since(self._compile).graphs if self._compile else None
+        return {"load_avg_1m": self.load_avg_1m, "cpu_count": os.cpu_count(),
+                "graphs_in_timed_passes": graphs}
+
+
+def _load_avg_1m() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def pass_deadline(timeout_s: float) -> float:
+    """Wall-clock time (time.time()) after which no timed pass is added for
+    workload.min_duration_s: half of timeout_s after this rank's process started, leaving
+    the rest for the profiled batch and the record."""
+    import psutil
+
+    return psutil.Process().create_time() + timeout_s / 2
+
+
+class ContinueRule:
+    """`keep_going` for runner.run_timed: another pass while this rank's timed passes add
+    up to less than `min_duration_s`, unless that pass would end after `deadline`. The
+    decision is collective: one all-reduce (MAX) of two flags over the world group per
+    pass, so every rank runs the same number of passes and none waits in a barrier that
+    the others have left. (DeepSpeed's CPU shm all-reduce, which ignores groups, is off;
+    the world group would be right for it anyway.)"""
+
+    def __init__(self, min_duration_s: float, deadline: float, device, clock=time.time):
+        self.min_duration_s, self.deadline = min_duration_s, deadline
+        self.device, self.clock = device, clock
+        self.stopped_by = "iterations"  # iterations | min_duration | timeout_bound
+        self.added = 0  # passes added beyond the iterations
+
+    def __call__(self, timing) -> bool:
+        short = timing.timed_wall_s < self.min_duration_s
+        late = self.clock() + timing.iteration_wall_s[-1] > self.deadline
+        flags = torch.tensor([float(short), float(late)], device=self.device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        short, late = bool(flags[0]), bool(flags[1])
+        if not short:
+            self.stopped_by = "min_duration" if self.added else "iterations"
+        elif late:
+            self.stopped_by = "timeout_bound"
+        self.added += short and not late
+        return short and not late
 
 
 def decode_floor_s(plan) -> float | None:

@@ -85,15 +85,20 @@ def generate_batch(gen, ids: torch.Tensor, output_len: int, stamps: Stamps | Non
 def run_timed(gen, batches: list[torch.Tensor], output_len: int, iterations: int, warmup: int,
               barrier: Callable, device: torch.device | None = None,
               clock: Callable = time.perf_counter, hook: Callable = lambda point: None,
-              sync: Callable | None = None) -> RankTiming:
+              sync: Callable | None = None,
+              keep_going: Callable[[RankTiming], bool] | None = None) -> RankTiming:
     """Warm-up batches, then `iterations` passes over `batches`, each batch after a barrier;
-    an iteration's wall time from the host clock with the device drained on both sides."""
+    an iteration's wall time from the host clock with the device drained on both sides.
+    More passes follow while `keep_going(timing)` says so (asked after each pass from the
+    last of `iterations` on; on several ranks it must be collective, so that every rank
+    runs as many passes)."""
     device = device or batches[0].device
     sync = sync or (lambda: synchronize(device))
     for i in range(warmup):
         generate_batch(gen, batches[i % len(batches)], output_len)
     timing = RankTiming()
-    for _ in range(iterations):
+    while (len(timing.iteration_wall_s) < iterations
+           or (keep_going is not None and keep_going(timing))):
         barrier()
         sync()
         start = clock()

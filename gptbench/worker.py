@@ -208,6 +208,7 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["topology"]["pipeline_schedule"] = info.get("pipeline_schedule")
     metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
     figures.model_metrics(plan, ranks, metrics, record["env"], reasons)
+    figures.quality_metrics(plan, ranks, metrics, reasons)
     metrics.update(compile_metrics(ranks, plan.compile_mode, reasons))
     metrics["decode_profile"] = decode_profile_of(ranks, reasons)
     record["metrics"], record["null_reasons"] = metrics, reasons
