@@ -155,3 +155,31 @@ def test_host_stamps_keep_every_reading():
     _, _, timing = generate_batch(Gen(), torch.zeros((2, 3), dtype=torch.long), 2, stamps)
     assert stamps.readings == [10.0, 11.0, 13.0]
     assert timing.ttft_s == 1.0 and timing.tpot_s == [2.0]
+
+
+class OwnLoop:
+    """A generator that runs its own loop, marking as the in-flight schedule does: its start,
+    each token (on the last stage only), its end."""
+
+    def __init__(self, last_stage: bool):
+        self.last_stage = last_stage
+
+    def generate_timed(self, ids, n, stamps, hook):
+        from gptbench.runner import BatchTiming
+
+        hook("prefill")
+        start = stamps.mark()
+        marks = [stamps.mark() for _ in range(n)] if self.last_stage else []
+        end = stamps.mark()
+        seconds = stamps.seconds(start, marks + [end])
+        return ids[:, :n], [None] * n, BatchTiming(seconds[0], [], seconds[-1])
+
+
+@pytest.mark.parametrize("last_stage", [True, False])
+def test_profiled_batch_reads_host_marks_from_every_stage(last_stage):
+    """The profiled batch's marks come from host readings on every device (the in-flight
+    schedule's CUDA events used to leave them empty: IndexError on CUDA)."""
+    from gptbench.measure import batch_marks
+
+    marks, steps = batch_marks(OwnLoop(last_stage), torch.zeros((2, 4), dtype=torch.long), 3, CPU)
+    assert len(marks) == 3 and marks[0] <= marks[1] <= marks[2] and steps == 2
