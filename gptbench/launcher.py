@@ -198,19 +198,25 @@ class Row:
 
 
 class RowLogs:
-    """The launch's output, split into one log per row at rank 0's row markers (the start-up
-    before the first marker goes to the first row's log); also when each row started."""
+    """The launch's output, split into one log per row at rank 0's row markers; also when
+    each row started. The launch's start-up (its command, master address, environment:
+    what comes before the first marker) opens every row's log, so each log stands alone."""
+
+    PREAMBLE_BYTES = 1 << 16
 
     def __init__(self, rows: list[Row], on_row=None):
         self.rows = {r.run_id: r for r in rows}
         self.current, self.started = rows[0].run_id, time.monotonic()
         self.on_row, self.pending, self.file = on_row, b"", None
+        self.preamble, self.in_preamble = b"", True
         self._open(rows[0])
 
     def _open(self, row: Row) -> None:
         if self.file is not None:
             self.file.close()
         self.file = open(row.log_path, "wb") if row.log_path else None
+        if self.file is not None and not self.in_preamble:
+            self.file.write(self.preamble)
 
     def write(self, chunk: bytes) -> None:
         *lines, self.pending = (self.pending + chunk).split(b"\n")
@@ -218,12 +224,15 @@ class RowLogs:
             text = line.decode("utf-8", "replace")
             at = text.find(ROW_MARKER)
             if at >= 0:
+                self.in_preamble = False
                 run_id = text[at + len(ROW_MARKER):].split(" ", 1)[0]
                 if run_id in self.rows and run_id != self.current:
                     self.current, self.started = run_id, time.monotonic()
                     self._open(self.rows[run_id])
                     if self.on_row is not None:
                         self.on_row(run_id)
+            if self.in_preamble and len(self.preamble) < self.PREAMBLE_BYTES:
+                self.preamble += line + b"\n"
             self._emit(line + b"\n")
 
     def _emit(self, data: bytes) -> None:

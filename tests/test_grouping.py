@@ -89,6 +89,8 @@ def test_each_row_has_its_own_log_section(crashed):
     assert "injecting" not in logs["a-dp"] + logs["d-pp"]
     assert "=== row b-tp (2/3)" in logs["b-tp"] and "=== row b-tp" not in logs["a-dp"]
     assert "a-dp: " in logs["a-dp"] and "tokens/s" in logs["a-dp"]
+    assert "--sweep" in logs["d-pp"]  # its own launch's start-up
+    assert "WORLD INFO DICT" in logs["b-tp"]  # the start-up of the launch it shared with a-dp
 
 
 def test_each_row_has_its_own_memory_peak_and_says_how(crashed):
@@ -146,5 +148,6 @@ def test_row_logs_split_at_the_markers(tmp_path):
     logs.write(b"rk\n")
     logs.close()
     assert (tmp_path / "x.log").read_text() == f"start-up\n{launcher.ROW_MARKER}x (1/2)\nx work\n"
-    assert (tmp_path / "y.log").read_text() == f"{launcher.ROW_MARKER}y (2/2)\ny work\n"
+    # the launch's start-up opens every row's log
+    assert (tmp_path / "y.log").read_text() == f"start-up\n{launcher.ROW_MARKER}y (2/2)\ny work\n"
     assert seen == ["y"] and logs.current == "y"
