@@ -209,6 +209,7 @@ FIELD_TYPES = {
                      "workload.num_samples"), int),
     "engine.backend": str, "engine.kernel_inject": bool, "engine.cuda_graph": bool,
     "engine.compile": str, "engine.threads_per_rank": int, "engine.step": str,
+    "engine.launch": dict, "engine.launch.rows": int, "engine.launch.position": int,
     "engine.inductor": dict, "engine.inductor.mode": str, "engine.inductor.attention": str,
     "engine.inductor.tuning": str, "engine.inductor.freezing": bool,
     "metrics.compile": dict, "metrics.compile.decode_graph": dict,
