@@ -289,20 +289,30 @@ def run_rows(config_path: str | None, rows: list[Row], ranks: int, env: dict | N
                 batch.append((row, p))
         if not batch:
             break
-        finished = _launch_rows(config_path, batch, env, progress_position, layout)
-        for (row, p), r in zip(batch, finished):
+        told = set()  # rows already reported while their launch went on
+
+        def ended(row: Row, p: Prepared, r: dict) -> None:
+            told.add(row.run_id)
             record(p, r)
             for _, na in after.get(row.run_id, []):
                 record(na)
+
+        finished = _launch_rows(config_path, batch, env, progress_position, layout, ended)
+        for (row, p), r in zip(batch, finished):
+            if row.run_id not in told:
+                ended(row, p, r)
         last = batch[len(finished) - 1][0]
         last = (after.get(last.run_id) or [(last, None)])[-1][0]
         pending = pending[pending.index(last) + 1:]  # after a failure: a fresh launch
     return done
 
 
-def _launch_rows(config_path, batch, env: dict, progress_position, layout) -> list[dict]:
+def _launch_rows(config_path, batch, env: dict, progress_position, layout,
+                 ended=None) -> list[dict]:
     """One launch of `batch` ([(Row, Prepared)]); the records of the rows it finished, up
-    to and including the first that did not finish ok (composed here when needed)."""
+    to and including the first that did not finish ok (composed here when needed).
+    `ended(row, prepared, record)` is called, from the output's thread, for each row seen
+    finished ok while the launch goes on (the next row has started)."""
     rows = [r for r, _ in batch]
     first = batch[0][1]
     out_dir, world = first.cfg.output_dir, first.world
@@ -324,7 +334,20 @@ def _launch_rows(config_path, batch, env: dict, progress_position, layout) -> li
     for _, p in batch:
         _clear_previous(out_dir, p.run_id, world)
     watch = RankWatch(ENTRY, world)
-    logs = RowLogs(rows, on_row=lambda _: watch.peak_rss_bytes.clear())
+    order = [r.run_id for r in rows]
+
+    def next_row(run_id: str) -> None:
+        watch.peak_rss_bytes.clear()
+        before = batch[order.index(run_id) - 1]
+        path = results.run_path(out_dir, before[1].run_id)
+        record = results.read_record(path)
+        if ended is not None and record is not None and record.get("status") == "ok":
+            try:
+                ended(*before, multinode.annotate(record, layout, path) if layout else record)
+            except Exception as e:  # noqa: BLE001 - the output must keep flowing, or the ranks block
+                print(f"gptbench: could not report {before[1].run_id} yet: {e}", file=sys.stderr)
+
+    logs = RowLogs(rows, on_row=next_row)
     watch.sink = logs
     timeouts = {r.run_id: p.cfg.timeout_s for r, p in batch}
     proc, timed_out = None, None
