@@ -57,7 +57,10 @@ def _plan(a) -> int:
 
 
 def _datasets_make(a) -> int:
-    from gptbench import datasets
+    from gptbench import datasets, limits
+
+    limits.check_seed("--seed", a.seed)
+    limits.check_int("--vocab-size", a.vocab_size, 1, 2 ** 31 - 1)
 
     datasets.check_make_inputs(a.out, a.num_samples, a.input_len, a.n_positions, a.prompts,
                                a.tokenizer)

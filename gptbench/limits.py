@@ -58,9 +58,9 @@ def is_int(value) -> bool:
 def check_int(key: str, value, low: int, high: int, why: str = "") -> int:
     """`value` when it is an integer in [low, high]; UserError naming `key` otherwise."""
     if not is_int(value):
-        raise UserError(f"{key}: expected an integer, got {_show(value)}")
+        raise UserError(f"{key}: expected an integer, got {show(value)}")
     if not low <= value <= high:
-        raise UserError(f"{key}: {_show(value)} is outside {low}..{high:,}"
+        raise UserError(f"{key}: {show(value)} is outside {low}..{high:,}"
                         + (f" ({why})" if why else ""))
     return value
 
@@ -68,9 +68,9 @@ def check_int(key: str, value, low: int, high: int, why: str = "") -> int:
 def check_float(key: str, value, low: float, high: float, low_open: bool = False) -> float:
     """`value` when it is a finite number in [low, high] ((low, high] with `low_open`)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise UserError(f"{key}: expected a number, got {_show(value)}")
+        raise UserError(f"{key}: expected a number, got {show(value)}")
     if is_int(value) and abs(value) > 2 ** 1000:
-        raise UserError(f"{key}: {_show(value)} is outside {low:g}..{high:g}")
+        raise UserError(f"{key}: {show(value)} is outside {low:g}..{high:g}")
     if not math.isfinite(value):
         raise UserError(f"{key}: must be a finite number, got {value}")
     if value < low or value > high or (low_open and value == low):
@@ -98,7 +98,7 @@ def check_threads(key: str, threads) -> int:
 def check_text(key: str, value: str, max_len: int = PATH_MAX, empty_ok: bool = False) -> str:
     """A string a user wrote: not empty, no control characters, at most `max_len` bytes."""
     if not isinstance(value, str):
-        raise UserError(f"{key}: expected a string, got {_show(value)}")
+        raise UserError(f"{key}: expected a string, got {show(value)}")
     if not value.strip() and not empty_ok:
         raise UserError(f"{key}: must not be empty")
     bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
@@ -129,7 +129,7 @@ def check_run_id(key: str, run_id) -> str:
     digits, '-', '_', '.', not starting with '.' (a hidden file the readers skip)."""
     if not isinstance(run_id, str) or not run_id:
         raise UserError(f"{key}: must be a non-empty name (letters, digits, '-', '_', '.'), "
-                        f"got {_show(run_id)}")
+                        f"got {show(run_id)}")
     if not RUN_ID.fullmatch(run_id) or run_id.startswith("."):
         raise UserError(f"{key}: '{_clip(run_id)}' may hold only ASCII letters, digits, '-', "
                         "'_', '.' and may not start with '.'")
@@ -243,7 +243,7 @@ def _clip(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-def _show(value) -> str:
+def show(value) -> str:
     """A value for a one-line message: huge ints and long strings shortened."""
     if is_int(value):
         if abs(value) <= 10 ** 30:
