@@ -174,21 +174,8 @@ def parse_overrides(pairs: list[str]) -> dict:
         if key.count(".") >= limits.MAX_YAML_DEPTH:
             raise UserError(f"--set {key[:60]}...: more sections than any config has")
         value = limits.load_yaml(raw, f"--set {key}={raw[:60]}", lines=False) if raw.strip() else None
-        if key in _text_keys() and isinstance(value, (bool, int, float)):
-            value = raw.strip()  # run_id=0x1F, model.name=1.5: the text, not YAML's number
         _set_dotted(tree, key, value)
     return tree
-
-
-def _text_keys(cls=None, prefix: str = "") -> set[str]:
-    """The dotted keys whose values are strings (str or Optional[str])."""
-    out = set()
-    for name, hint in typing.get_type_hints(cls or RunConfig).items():
-        if dataclasses.is_dataclass(hint):
-            out |= _text_keys(hint, f"{prefix}{name}.")
-        elif hint is str or str in typing.get_args(hint):
-            out.add(prefix + name)
-    return out
 
 
 def override_pairs(mapping, where: str) -> list[str]:
@@ -204,6 +191,12 @@ def override_pairs(mapping, where: str) -> list[str]:
         else:
             out.append(f"{key}={_yaml_scalar(value)}")
     return out
+
+
+def run_id_pair(run_id: str) -> str:
+    """`run_id=NAME` for --set, quoted where YAML would read NAME as something else
+    (`run_id='1'`, `run_id='null'`), so the ranks get the launcher's name."""
+    return f"run_id={_yaml_scalar(run_id)}"
 
 
 def _yaml_scalar(value) -> str:

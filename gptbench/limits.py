@@ -133,8 +133,6 @@ def check_run_id(key: str, run_id) -> str:
     if not RUN_ID.fullmatch(run_id) or run_id.startswith("."):
         raise UserError(f"{key}: '{_clip(run_id)}' may hold only ASCII letters, digits, '-', "
                         "'_', '.' and may not start with '.'")
-    if run_id.lower() == "null":
-        raise UserError(f"{key}: '{run_id}' reads as null in YAML; choose another name")
     if len(run_id) > RUN_ID_MAX:
         raise UserError(f"{key}: {len(run_id)} characters long, at most {RUN_ID_MAX} "
                         f"(it becomes file names)")

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 
 from gptbench import faults, launcher, limits, results
-from gptbench.config import override_pairs, read_yaml
+from gptbench.config import override_pairs, read_yaml, run_id_pair
 from gptbench.errors import UserError
 
 SUITE_KEYS = {"title", "output_dir", "base", "set", "runs", "description", "hostfile"}
@@ -104,7 +104,7 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
             raise UserError(f"{where}: ranks={ranks}, but the suite's hostfile {hostfile} has "
                             f"{slots} slot(s): every run uses all of them")
         own = common + _suite_pairs(item.get("set"), where)
-        runs.append(SuiteRun(run_id, ranks, tuple(own + command_line + [f"output_dir={out}", f"run_id={run_id}"]),
+        runs.append(SuiteRun(run_id, ranks, tuple(own + command_line + [f"output_dir={out}", run_id_pair(run_id)]),
                              _replaced(own, command_line, run_id)))
     if only is not None:
         only = [o.strip() for item in only for o in item.split(",") if o.strip()]

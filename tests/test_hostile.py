@@ -332,3 +332,19 @@ def test_the_failed_record_of_a_run_that_could_not_start_reads_back(tmp_path):
     record = launcher.not_started(cfg, 1, "r2", PermissionError(13, "Permission denied", "/x"))
     assert record["error"] == "could not start: Permission denied: /x"
     assert results.read_run(tmp_path / "out" / "runs" / "r2.json")["status"] == "failed"
+
+
+def test_a_suite_row_id_yaml_reads_as_a_number_or_null_stays_its_name(tmp_path, monkeypatch):
+    """`id: 1` and `id: 'null'` name their runs: the launcher and the ranks read the same
+    run_id back from the overrides (quoted where YAML would read a number or null)."""
+    monkeypatch.chdir(tmp_path)
+    Path("tiny.yaml").write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    rows = [{"id": 1}, {"id": "null"}, {"id": "0x1F"}, {"id": "yes"}]
+    Path("s.yaml").write_text(yaml.safe_dump({"base": "tiny.yaml", "runs": rows}))
+    s = suite.load_suite("s.yaml")
+    suite.check(s, "s.yaml")
+    for r, name in zip(s.runs, ["1", "null", "0x1F", "yes"]):
+        assert r.run_id == name
+        assert config.load_config("tiny.yaml", list(r.overrides)).run_id == name
+        overrides = list(r.overrides) + [config.run_id_pair(name)]  # as the launcher adds it
+        assert config.load_config("tiny.yaml", overrides).run_id == name
