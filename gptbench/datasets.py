@@ -140,12 +140,12 @@ def check_make_inputs(out: str, num_samples: int, input_len: int, n_positions: i
         raise UserError(f"--num-samples must be positive, got {num_samples}")
     limits.check_int("--num-samples", num_samples, 1, limits.MAX_COUNT)
     limits.check_int("--n-positions", n_positions, 1, limits.MAX_LEN)
-    if num_samples * input_len > limits.MAX_TOKENS_PER_REPLICA:
-        raise UserError(f"--num-samples x --input-len = {num_samples * input_len:,} tokens, "
-                        f"more than {limits.MAX_TOKENS_PER_REPLICA:,} (2 GiB of token ids)")
     if not 1 <= input_len <= n_positions:
         raise UserError(f"--input-len {input_len} is outside 1..{n_positions}, the model's "
                         f"positions (--n-positions; GPT-2 has {GPT2_POSITIONS})")
+    if num_samples * input_len > limits.MAX_TOKENS_PER_REPLICA:
+        raise UserError(f"--num-samples x --input-len = {num_samples * input_len:,} tokens, "
+                        f"more than {limits.MAX_TOKENS_PER_REPLICA:,} (2 GiB of token ids)")
     if prompts is not None and _looks_like_path(tokenizer) and not os.path.isdir(os.path.expanduser(tokenizer)):
         raise UserError(f"--tokenizer {tokenizer}: no such directory; {OFFLINE_HINT}")
 

@@ -154,9 +154,9 @@ def latency_table(comm_latency_us: float | None = None, comm_file: str | None = 
         with open(comm_file, encoding="utf-8") as f:
             data = json.load(f)
         entries = data["entries"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise UserError(f"--comm-file {comm_file}: not a `gptbench diagnose --comm` file "
-                        f"({type(e).__name__}: {e})") from None
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
     source = f"{comm_file} ({data.get('backend')}, measured {data.get('measured_at')})"
     return LatencyTable(entries).lookup_us, source
 
