@@ -165,8 +165,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except UserError as e:
-        print(f"gptbench: error: {e}", file=sys.stderr)
+    except UserError as e:  # one line whatever the message quotes (a user's newline)
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"gptbench: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptbench: interrupted", file=sys.stderr)

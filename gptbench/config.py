@@ -130,13 +130,14 @@ def _coerce(key: str, value, hint):
     }[hint]
     if not ok:
         raise UserError(f"{key}: expected {hint.__name__}{' or null' if optional else ''}, "
-                        f"got {type(value).__name__} {value!r}")
+                        f"got {limits.show(value)}")
     return float(value) if hint is float else value
 
 
 def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got "
+                        f"{limits.show(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -193,10 +194,10 @@ def override_pairs(mapping, where: str) -> list[str]:
     return out
 
 
-def run_id_pair(run_id: str) -> str:
-    """`run_id=NAME` for --set, quoted where YAML would read NAME as something else
-    (`run_id='1'`, `run_id='null'`), so the ranks get the launcher's name."""
-    return f"run_id={_yaml_scalar(run_id)}"
+def set_pair(key: str, text: str) -> str:
+    """`KEY=TEXT` for --set, quoted where YAML would read TEXT as something else
+    (`run_id='1'`, `output_dir='null'`), so the ranks read back the launcher's string."""
+    return f"{key}={_yaml_scalar(text)}"
 
 
 def _yaml_scalar(value) -> str:

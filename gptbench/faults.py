@@ -37,6 +37,7 @@ def parse(spec: str | None) -> Fault | None:
     """The fault of a GPTBENCH_FAULT value; None when unset or empty."""
     if spec is None or not spec.strip():
         return None
+    limits.check_text(ENV, spec, max_len=200)  # one line of ASCII-sized fields
     fields = {}
     for part in spec.split(","):
         key, sep, value = part.partition("=")

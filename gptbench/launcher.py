@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import psutil
 
 from gptbench import faults, limits, multinode, progress, results
-from gptbench.config import RunConfig, load_config, run_id_pair
+from gptbench.config import RunConfig, load_config, set_pair
 from gptbench.errors import NotApplicable, UserError
 from gptbench.hostfile import load_layout
 from gptbench.rankwatch import RankWatch, watchdog_error
@@ -160,11 +160,11 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     try:
         if layout:  # before the command: the multi-node path forwards the environment as is
             cmd, env = multinode.launch_command(layout, ENTRY, config_path, list(overrides) + [
-                run_id_pair(run_id)], cfg.output_dir, run_id, env)
+                set_pair("run_id", run_id)], cfg.output_dir, run_id, env)
         else:
             visible = env.get("CUDA_VISIBLE_DEVICES") if p.device_type == "cuda" else None
-            cmd = deepspeed_command(config_path, list(overrides) + [run_id_pair(run_id)], world,
-                                    visible)
+            cmd = deepspeed_command(config_path, list(overrides) + [set_pair("run_id", run_id)],
+                                    world, visible)
         _clear_previous(cfg.output_dir, run_id, world)
         started = time.time()
         log = open(log_path, "wb") if log_path else None

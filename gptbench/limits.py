@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import reprlib
 
 import yaml
 
@@ -31,7 +32,7 @@ MAX_SLOTS_PER_HOST = 1024    # a hostfile line's slots
 RANKS_PER_CORE = 8           # local ranks on a machine: each is a process with torch loaded
 MAX_BATCH = 65536            # sequences per batch
 MAX_LEN = 1 << 20            # tokens of a prompt or of an output (no GPT-2 has more positions)
-MAX_COUNT = 1_000_000        # samples, iterations, warm-up batches, micro-batches
+MAX_COUNT = 1_000_000        # samples, iterations, warm-up batches
 MAX_TOKENS_PER_REPLICA = 1 << 28   # num_samples x input_len: 2 GiB of int64 token ids
 MAX_SECONDS = 10 ** 7        # timeouts (~116 days)
 NAME_MAX = 255               # bytes of one path component (Linux)
@@ -39,6 +40,7 @@ PATH_MAX = 4096              # bytes of a whole path (Linux)
 RUN_ID_MAX = 200             # run_id + the longest suffix gptbench adds stays within NAME_MAX
 MAX_CONFIG_BYTES = 1 << 20   # a config, suite or hostfile larger than 1 MiB is not one
 MAX_YAML_DEPTH = 32          # the deepest config section is two levels; suites a few more
+MAX_YAML_VALUES = 100_000    # values of a document, aliases expanded ("billion laughs")
 RUN_ID = re.compile(r"[A-Za-z0-9_.-]+")
 ASCII_DIGITS = re.compile(r"[0-9]{1,18}")
 
@@ -60,7 +62,7 @@ def check_int(key: str, value, low: int, high: int, why: str = "") -> int:
     if not is_int(value):
         raise UserError(f"{key}: expected an integer, got {show(value)}")
     if not low <= value <= high:
-        raise UserError(f"{key}: {show(value)} is outside {low}..{high:,}"
+        raise UserError(f"{key}: {number(value)} is outside {low}..{high:,}"
                         + (f" ({why})" if why else ""))
     return value
 
@@ -70,7 +72,7 @@ def check_float(key: str, value, low: float, high: float, low_open: bool = False
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise UserError(f"{key}: expected a number, got {show(value)}")
     if is_int(value) and abs(value) > 2 ** 1000:
-        raise UserError(f"{key}: {show(value)} is outside {low:g}..{high:g}")
+        raise UserError(f"{key}: {number(value)} is outside {low:g}..{high:g}")
     if not math.isfinite(value):
         raise UserError(f"{key}: must be a finite number, got {value}")
     if value < low or value > high or (low_open and value == low):
@@ -208,16 +210,36 @@ def load_yaml(text: str, where: str, lines: bool = True):
 
 
 def _check_depth(data, where: str) -> None:
-    """Walk once per object (aliases share objects; a recursive alias is a cycle)."""
-    seen, todo = set(), [(data, 0)]
-    while todo:
-        node, depth = todo.pop()
-        if not isinstance(node, (dict, list)) or id(node) in seen:
-            continue
-        if depth >= MAX_YAML_DEPTH:
+    """At most MAX_YAML_DEPTH levels and MAX_YAML_VALUES values, counted as the readers
+    would see them: an alias is a shared object, which a message or a `set:` pair would
+    expand, and a recursive alias (`&a [*a]`) has no end. Each object is walked once."""
+    memo, active = {}, set()
+
+    def walk(node, depth: int) -> tuple[int, int]:  # (height, values) of node's tree
+        if not isinstance(node, (dict, list)):
+            return 0, 1
+        key = id(node)
+        if key in active:
+            raise UserError(f"{where}: an alias refers to itself (a structure without end)")
+        if key not in memo:
+            if depth >= MAX_YAML_DEPTH:
+                raise UserError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep")
+            active.add(key)
+            height, values = 0, 1
+            for child in (node.values() if isinstance(node, dict) else node):
+                h, v = walk(child, depth + 1)
+                height, values = max(height, h + 1), values + v
+                if values > MAX_YAML_VALUES:
+                    raise UserError(f"{where}: more than {MAX_YAML_VALUES:,} values "
+                                    "(aliases expanded)")
+            active.discard(key)
+            memo[key] = height, values
+        height, values = memo[key]
+        if depth + height >= MAX_YAML_DEPTH:
             raise UserError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep")
-        seen.add(id(node))
-        todo += [(child, depth + 1) for child in (node.values() if isinstance(node, dict) else node)]
+        return height, values
+
+    walk(data, 0)
 
 
 def writable_folder_problem(folder: str) -> str | None:
@@ -243,15 +265,25 @@ def _clip(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+
+
+def number(value: int) -> str:
+    """An int for a message: its digits, or how many there are when they are too many."""
+    if abs(value) <= 10 ** 30:
+        return str(value)
+    digits = len(str(abs(value))) if abs(value) < 10 ** 4000 else "over 4000"
+    return f"an integer of {digits} digits"
+
+
 def show(value) -> str:
-    """A value for a one-line message: huge ints and long strings shortened."""
+    """`type repr` of a value for a one-line message, bounded whatever its size (a long
+    string, a huge int, an alias-expanded list)."""
     if is_int(value):
-        if abs(value) <= 10 ** 30:
-            return str(value)
-        digits = len(str(abs(value))) if abs(value) < 10 ** 4000 else "over 4000"
-        return f"an integer of {digits} digits"
+        return f"int {number(value)}"
     try:
-        text = repr(value)
-    except (ValueError, RecursionError):  # a huge int or a cycle inside
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # a huge int inside
         text = "..."
-    return f"{type(value).__name__} {_clip(text)}"
+    return f"{type(value).__name__} {text}"

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 
 from gptbench import faults, launcher, limits, results
-from gptbench.config import override_pairs, read_yaml, run_id_pair
+from gptbench.config import override_pairs, read_yaml, set_pair
 from gptbench.errors import UserError
 
 SUITE_KEYS = {"title", "output_dir", "base", "set", "runs", "description", "hostfile"}
@@ -67,7 +67,7 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
         if key not in data:
             raise UserError(f"{path}: missing suite key '{key}'")
     if not isinstance(data["base"], str):
-        raise UserError(f"{path}: base must be the path of a benchmark config, got {data['base']!r}")
+        raise UserError(f"{path}: base must be the path of a benchmark config, got {limits.show(data['base'])}")
     base = os.path.join(os.path.dirname(path), data["base"])
     if not os.path.isfile(base):
         raise UserError(f"{path}: base config not found: {base}")
@@ -104,7 +104,8 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
             raise UserError(f"{where}: ranks={ranks}, but the suite's hostfile {hostfile} has "
                             f"{slots} slot(s): every run uses all of them")
         own = common + _suite_pairs(item.get("set"), where)
-        runs.append(SuiteRun(run_id, ranks, tuple(own + command_line + [f"output_dir={out}", run_id_pair(run_id)]),
+        names = [set_pair("output_dir", out), set_pair("run_id", run_id)]  # quoted if need be
+        runs.append(SuiteRun(run_id, ranks, tuple(own + command_line + names),
                              _replaced(own, command_line, run_id)))
     if only is not None:
         only = [o.strip() for item in only for o in item.split(",") if o.strip()]
@@ -126,7 +127,7 @@ def _hostfile(path: str, value) -> tuple[str | None, int | None]:
     if value is None:
         return None, None
     if not isinstance(value, str):
-        raise UserError(f"{path}: hostfile must be the path of a DeepSpeed hostfile, got {value!r}")
+        raise UserError(f"{path}: hostfile must be the path of a DeepSpeed hostfile, got {limits.show(value)}")
     from gptbench.hostfile import read_hostfile
 
     hostfile = os.path.join(os.path.dirname(path), value)

@@ -159,6 +159,10 @@ CASES.update({
                               ["run", "--config", "d.yaml"], {}, "nested more than 32 levels"),
     "nested-deep-mapping": ({"d.yaml": "".join("  " * i + f"k{i}:\n" for i in range(40))},
                             ["run", "--config", "d.yaml"], {}, "nested more than 32 levels"),
+    "billion-laughs": ({"l.yaml": "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(9))
+        + "strategy: *j\n"}, ["run", "--config", "l.yaml"], {}, "more than 100,000 values"),
+    "recursive-alias": ({}, SET + ["strategy=&a [*a]"], {}, "an alias refers to itself"),
     "set-unclosed-list": ({}, SET + ["strategy=[unclosed"], {},
                           "--set strategy=[unclosed: not valid YAML"),
     "set-reserved-character": ({}, SET + ["model.name=@x"], {},

@@ -340,11 +340,13 @@ def test_a_suite_row_id_yaml_reads_as_a_number_or_null_stays_its_name(tmp_path, 
     monkeypatch.chdir(tmp_path)
     Path("tiny.yaml").write_text(yaml.safe_dump(TINY), encoding="utf-8")
     rows = [{"id": 1}, {"id": "null"}, {"id": "0x1F"}, {"id": "yes"}]
-    Path("s.yaml").write_text(yaml.safe_dump({"base": "tiny.yaml", "runs": rows}))
+    Path("s.yaml").write_text(yaml.safe_dump({"base": "tiny.yaml", "runs": rows,
+                                              "output_dir": "null"}))
     s = suite.load_suite("s.yaml")
     suite.check(s, "s.yaml")
     for r, name in zip(s.runs, ["1", "null", "0x1F", "yes"]):
         assert r.run_id == name
-        assert config.load_config("tiny.yaml", list(r.overrides)).run_id == name
-        overrides = list(r.overrides) + [config.run_id_pair(name)]  # as the launcher adds it
+        cfg = config.load_config("tiny.yaml", list(r.overrides))
+        assert (cfg.run_id, cfg.output_dir) == (name, "null")
+        overrides = list(r.overrides) + [config.set_pair("run_id", name)]  # as the launcher adds it
         assert config.load_config("tiny.yaml", overrides).run_id == name
