@@ -144,6 +144,7 @@ def summarize_record(row: Row, record: dict) -> dict:
         "device_name": (record.get("env") or {}).get("device_name"),
         "decode_profile": m.get("decode_profile"),
         "decode_graph": (m.get("compile") or {}).get("decode_graph"),
+        "cudagraph_skips": (m.get("compile") or {}).get("cudagraph_skips"),
     }
 
 
@@ -357,6 +358,11 @@ def format_table(report: dict) -> str:
     for r in report["rows"]:
         if r.get("decode_profile"):
             lines.append(f"  {r['row']}: {format_decode_profile(r['decode_profile'])}")
+        g = r.get("decode_graph")
+        if g:
+            lines.append(f"  {r['row']}: decode graph {g['inputs']} inputs, {g['cache_copies']} "
+                         f"cache copies, {g['launches']} launches; CUDA-graph skips "
+                         f"{_fmt(r.get('cudagraph_skips'), 'd')}")
     t = report["targets"]
     roof, ratio = t["roofline"], t["tpot_vs_hf_compiled"]
     lines.append(f"targets (stated for one H200; best DeepSpeed row: {t['best_deepspeed_row']})")

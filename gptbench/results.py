@@ -207,6 +207,7 @@ FIELD_TYPES = {
     "engine.inductor": dict, "engine.inductor.mode": str, "engine.inductor.attention": str,
     "engine.inductor.tuning": str, "engine.inductor.freezing": bool,
     "metrics.compile": dict, "metrics.compile.decode_graph": dict,
+    "metrics.compile.cudagraph_skips": int,
     "metrics.compile.decode_graph.*": int,
     "metrics.decode_profile": dict, "metrics.decode_profile.verdict": str,
     **{f"metrics.decode_profile.{k}": NUMBER for k in (

@@ -165,7 +165,10 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
     from gptbench import runner
     from gptbench.compiled import WARMUP_CALLS, snapshot
 
+    from torch._dynamo.utils import counters
+
     start = snapshot()
+    skips = counters["inductor"]["cudagraph_skips"]  # graphs inductor left uncaptured
     wall = time.perf_counter()
     if plan.compile_mode != "off":
         progress.phase("compiling")
@@ -179,7 +182,8 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
     stats = CompileStats.since(start)
     return {"mode": plan.compile_mode, "compile_s": stats.compile_s,
             "warmup_wall_s": time.perf_counter() - wall, "graph_breaks": stats.graph_breaks,
-            "graphs": stats.graphs, "_after": snapshot()}
+            "graphs": stats.graphs, "_after": snapshot(),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
 
 
 def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -> dict:
@@ -234,6 +238,8 @@ def compile_metrics(ranks: list[dict], mode: str, reasons: dict) -> dict:
             "compile": {"warmup_wall_s": max(x["warmup_wall_s"] for x in c),
                         "graphs": max(x["graphs"] for x in c),
                         "graphs_while_measuring": max(x["graphs_while_measuring"] for x in c),
+                        # reduce-overhead graphs inductor ran without CUDA graphs (it logs why)
+                        "cudagraph_skips": max(x.get("cudagraph_skips", 0) for x in c),
                         # the decode graph of each rank role (ranks of one role compile the
                         # same graph): the most inputs, copies and launches any rank has
                         "decode_graph": _worst_graph([x.get("decode_graph") for x in c])}}
