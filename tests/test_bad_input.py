@@ -356,3 +356,19 @@ def test_malformed_yaml_names_its_line(tmp_path, monkeypatch, capsys):
     assert cli.main(["run", "--config", "m.yaml"]) == 2
     err = capsys.readouterr().err
     assert "m.yaml:6" in err or "m.yaml:5" in err, err
+
+
+@pytest.mark.parametrize("row", ["{id: '', ranks: 1}", "{id: null}", "{id: a, ranks: 100000}",
+                                 "{id: b, set: {timeout_s: .nan}}"])
+def test_a_hostile_suite_row_moves_no_earlier_result_aside(row, tmp_path, monkeypatch, capsys):
+    """Issue 24: a row with an empty id ran as "None" and moved the earlier results aside."""
+    _workdir(tmp_path, {"s.yaml": SUITE.replace("title: bad", "title: bad\noutput_dir: res")
+                        + f"  - {row}\n",
+                        "res/runs/a.json": json.dumps({"earlier": True})})
+    monkeypatch.chdir(tmp_path)
+    before = _files(tmp_path)
+    assert cli.main(["suite", "s.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptbench: error: s.yaml") and len(err.splitlines()) == 1, err
+    assert _files(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("res")) == ["res"]
