@@ -350,3 +350,53 @@ def test_a_suite_row_id_yaml_reads_as_a_number_or_null_stays_its_name(tmp_path, 
         assert (cfg.run_id, cfg.output_dir) == (name, "null")
         overrides = list(r.overrides) + [config.set_pair("run_id", name)]  # as the launcher adds it
         assert config.load_config("tiny.yaml", overrides).run_id == name
+
+
+# ---- command-line numbers ------------------------------------------------------------------
+
+FLAG_NUMBER = st.one_of(st.integers(-2, 64).map(str), NUMBERS.map(str), STRINGS,
+                        st.sampled_from(["inf", "nan", "-0", "1e400", "99999999999999999999"]))
+
+
+def cli_outcome(argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the command run in-process; argparse's own refusals
+    (SystemExit 2, its usage) count as exit 2."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    event(f"exit {code}")
+    return code, out, err
+
+
+@FEW
+@given(flags=st.lists(st.tuples(st.sampled_from(
+    ["--gpus", "--batch-size", "--input-len", "--output-len", "--micro-batches",
+     "--gpu-memory-gib", "--gpu-bandwidth-gbps", "--comm-latency-us"]), FLAG_NUMBER), max_size=3))
+def test_generated_plan_flags_are_refused_in_one_line_or_planned(flags, capsys):
+    argv = ["plan", "--model", "tiny"] + [f"{flag}={value}" for flag, value in flags]
+    code, out, err = cli_outcome(argv, capsys)
+    if code == 2 and err.startswith("gptbench: error: "):
+        assert len(err.splitlines()) == 1 and out == "", err
+    elif code == 0:
+        assert "nan" not in out.lower().split() and "inf" not in out.lower().split()
+    else:
+        assert code == 2 and "usage:" in err, (code, err)  # argparse: not a number at all
+
+
+@FEW
+@given(spec=st.one_of(
+    st.text(max_size=20),
+    st.builds(lambda name, pct: f"{name}:{pct}",
+              st.sampled_from(["throughput_tokens_per_s", "ttft_ms.p99", "latency_s", "x_ms",
+                               "speedup", "peak_memory_bytes", "compile_s", "", "energy.joules"]),
+              FLAG_NUMBER)))
+def test_a_generated_fail_on_gate_is_refused_up_front_or_compares(spec, capsys):
+    code, out, err = cli_outcome(["compare", str(FIXTURE_SUITE), str(FIXTURE_SUITE),
+                                  f"--fail-on={spec}"], capsys)
+    if err.startswith("gptbench: error: "):
+        assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    else:
+        assert code in (0, 1, 2) and out.splitlines()[-1].startswith(("Result:", "  ")), out
