@@ -31,7 +31,8 @@ TINY = yaml.safe_load((ROOT / "deepspeed_configs" / "tiny-cpu.yaml").read_text()
 TINY["output_dir"] = "out"
 FIXTURE_SUITE = ROOT / "tests" / "fixtures" / "suite"
 KEYS = sorted(config.flat(config.RunConfig()))
-FEW = settings(max_examples=25, deadline=None,
+# No example database: the tests change directory, and a clean clone stays clean.
+FEW = settings(max_examples=25, deadline=None, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 # ---- what a careless user types --------------------------------------------------------------
@@ -246,7 +247,8 @@ def _believable(record: dict) -> None:
                 assert 0 <= value <= results.MAX_FIGURE, (path, value)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(edits=st.dictionaries(st.sampled_from(RECORD_PATHS), VALUES, min_size=1, max_size=2),
        run_id=st.sampled_from(["1gpu-dp1", "2gpu-dp2", "4gpu-tp2-pp2"]))
 def test_a_generated_record_is_skipped_and_named_or_read(edits, run_id):
