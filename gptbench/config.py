@@ -185,7 +185,12 @@ def parse_overrides(pairs: list[str]) -> dict:
         key = key.strip()
         if key.count(".") >= limits.MAX_YAML_DEPTH:
             raise UserError(f"--set {key[:60]}...: more sections than any config has")
-        value = limits.load_yaml(raw, f"--set {key}={raw[:60]}", lines=False) if raw.strip() else None
+        try:
+            value = (limits.load_yaml(raw, f"--set {key}={raw[:60]}", lines=False)
+                     if raw.strip() else None)
+        except UserError as e:
+            raise UserError(f"{e}; quote text that YAML reads otherwise: "
+                            f"--set \"{key}='...'\"") from None
         _set_dotted(tree, key, value)
     return tree
 

@@ -119,7 +119,8 @@ def check_path(key: str, path: str) -> str:
     if len(full.encode("utf-8", "surrogatepass")) > PATH_MAX - NAME_MAX:
         raise UserError(f"{key}: {path} is too long a path (at most "
                         f"{PATH_MAX - NAME_MAX} bytes, room left for the files in it)")
-    long = next((p for p in full.split(os.sep) if len(p.encode("utf-8", "surrogatepass")) > NAME_MAX), None)
+    long = next((p for p in full.split(os.sep)
+                 if len(p.encode("utf-8", "surrogatepass")) > NAME_MAX), None)
     if long is not None:
         raise UserError(f"{key}: the name {long[:40]}... is {len(long.encode())} bytes; "
                         f"a file name holds at most {NAME_MAX}")

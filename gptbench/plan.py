@@ -156,7 +156,7 @@ def latency_table(comm_latency_us: float | None = None, comm_file: str | None = 
         entries = data["entries"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise UserError(f"--comm-file {comm_file}: not a `gptbench diagnose --comm` file "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+                        f"({type(e).__name__}: {(str(e) or '-').splitlines()[0][:160]})") from None
     source = f"{comm_file} ({data.get('backend')}, measured {data.get('measured_at')})"
     return LatencyTable(entries).lookup_us, source
 

@@ -338,7 +338,8 @@ def read_run(path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not valid JSON: {exc}") from exc
     except (ValueError, RecursionError) as exc:  # an int of > 4300 digits; nesting too deep
-        raise ValueError(f"not valid JSON: {(str(exc) or type(exc).__name__).splitlines()[0][:100]}") from None
+        why = (str(exc) or type(exc).__name__).splitlines()[0][:100]
+        raise ValueError(f"not valid JSON: {why}") from None
     schema = record.get("schema") if isinstance(record, dict) else None
     if schema != SCHEMA:
         raise ValueError(f"schema is {schema!r}, not {SCHEMA!r}")

@@ -67,7 +67,8 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
         if key not in data:
             raise UserError(f"{path}: missing suite key '{key}'")
     if not isinstance(data["base"], str):
-        raise UserError(f"{path}: base must be the path of a benchmark config, got {limits.show(data['base'])}")
+        raise UserError(f"{path}: base must be the path of a benchmark config, got "
+                        f"{limits.show(data['base'])}")
     base = os.path.join(os.path.dirname(path), data["base"])
     if not os.path.isfile(base):
         raise UserError(f"{path}: base config not found: {base}")
@@ -127,7 +128,8 @@ def _hostfile(path: str, value) -> tuple[str | None, int | None]:
     if value is None:
         return None, None
     if not isinstance(value, str):
-        raise UserError(f"{path}: hostfile must be the path of a DeepSpeed hostfile, got {limits.show(value)}")
+        raise UserError(f"{path}: hostfile must be the path of a DeepSpeed hostfile, got "
+                        f"{limits.show(value)}")
     from gptbench.hostfile import read_hostfile
 
     hostfile = os.path.join(os.path.dirname(path), value)

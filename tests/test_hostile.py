@@ -161,8 +161,8 @@ NAMES = st.sampled_from(["a", "b", "c", "1r-dp", "2r-tp"])
 ROW = st.fixed_dictionaries({
     "id": st.one_of(NAMES, NAMES, NAMES, STRINGS, st.integers(-3, 10 ** 20), st.none(),
                     st.booleans(), st.lists(st.integers(), max_size=2))}, optional={
-    "ranks": st.one_of(st.integers(1, 4), st.integers(1, 4), st.integers(-3, 4), st.sampled_from([10 ** 20, 100000]), STRINGS,
-                       st.none(), st.floats()),
+    "ranks": st.one_of(st.integers(1, 4), st.integers(1, 4), st.integers(-3, 4),
+                       st.sampled_from([10 ** 20, 100000]), STRINGS, st.none(), st.floats()),
     "set": st.one_of(st.none(), st.lists(EDIT, max_size=2).map(
         lambda kvs: {k: v for k, v in kvs if k not in ("run_id", "output_dir")}), VALUES)})
 ROWS = st.lists(st.one_of(ROW, ROW, ROW, st.just({"id": "x", "colour": "red"})), max_size=3)
