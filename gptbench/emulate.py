@@ -162,7 +162,7 @@ def _time_stage(gen, plan, batches) -> tuple[list[float], list[float]]:
 
     prefill, decode = [], []
     with torch.no_grad():
-        for i in range(w.warmup + w.iterations):
+        for i in range(w.warmup + w.iterations * len(batches)):  # as many as run_timed
             stage.begin(mb, m)
             p = sum(timed(first[k], k) for k in range(m))
             steps = [sum(timed(step[k], k) for k in range(m)) for _ in range(w.output_len - 1)]
@@ -382,18 +382,46 @@ def _failed(cfg, world: int, run_id: str, status: str, error: str) -> dict:
     return record
 
 
+def plan_for(cfg, ranks: int):
+    """The run's plan with every rank on this one device (cuda:0 or the CPU), the threads a
+    real rank would get (engine.threads, else the cores shared by `ranks`)."""
+    import dataclasses
+
+    from gptbench.runplan import resolve
+
+    plan = resolve(cfg, ranks, 0, 1)
+    threads = cfg.engine.threads or max(1, (os.cpu_count() or 1) // ranks)
+    return dataclasses.replace(plan, threads=threads)
+
+
+def check_rows(suite, path: str) -> None:
+    """Every row's config resolved before anything starts (bad input: UserError)."""
+    from gptbench.config import load_config
+    from gptbench.runplan import check_output_dir
+
+    for r in suite.runs:
+        try:
+            cfg = load_config(suite.base, list(r.overrides))
+            check_output_dir(cfg.output_dir)
+            plan_for(cfg, r.ranks)
+        except NotApplicable:
+            continue
+        except UserError as e:
+            raise UserError(f"{path}: run '{r.run_id}': {e}") from None
+
+
 def emulate_row(config: str, sets: list[str], ranks: int, cache: RoleCache, latency_us,
                 latency_source: str) -> dict:
     """One configuration's emulated record, written; a failure is recorded, not raised."""
     from gptbench.config import load_config
-    from gptbench.runplan import check_output_dir, resolve, run_id_for
+    from gptbench.runplan import check_output_dir, run_id_for
     from gptbench.worker import describe
 
     cfg = load_config(config, sets)
     check_output_dir(cfg.output_dir)
     run_id = run_id_for(cfg, ranks)
     try:
-        plan = resolve(cfg, ranks, 0, ranks)
+        plan = plan_for(cfg, ranks)
         record = emulate_plan(plan, cache, latency_us, latency_source)
     except NotApplicable as e:
         record = _failed(cfg, ranks, run_id, "not_applicable", str(e))
@@ -436,6 +464,24 @@ def add_latency_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--comm-file", help="collective latencies from gptbench diagnose --comm")
     g.add_argument("--interconnect", help="a named link: nvlink4, nvlink3, nvlink-bridge, "
                    "pcie5, pcie4 (docs/interconnects.md)")
+
+
+def emulate_command(config: str, sets: list[str], ranks: int | None, comm_file: str | None,
+                    interconnect: str | None) -> int:
+    """`gptbench emulate`: one configuration, in this process."""
+    from gptbench import predict
+    from gptbench.config import load_config
+
+    latency_us, source = predict.latency_from(comm_file, interconnect)
+    cfg = load_config(config, sets)
+    ranks = ranks or cfg.topology.world_size or 1
+    try:
+        record = emulate_row(config, sets, ranks, RoleCache(), latency_us, source)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    print(f"{line(record)} -> {results.run_path(cfg.output_dir, record['run_id'])}")
+    return 0 if record["status"] in ("ok", "not_applicable") else 1
 
 
 def main(argv=None) -> int:
