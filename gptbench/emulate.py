@@ -172,11 +172,10 @@ def _time_stage(gen, plan, batches) -> tuple[list[float], list[float]]:
     return prefill, decode
 
 
-def time_role(plan, role: Role) -> dict:
-    """Build `role` with the strategy's own code under the fake world, compile it as the
-    run would, time it. Returns its compute (ms) and memory."""
+def build_role(plan, role: Role):
+    """(generator, strategy info, unsharded params) of `role`, built by the strategy's own
+    `build` (the call a rank makes) under the fake world of the run's size."""
     from gptbench import worker
-    from gptbench.compiled import CompileStats, snapshot
     from gptbench.strategies import REGISTRY
     from gptbench.strategies.base import RankContext
 
@@ -199,21 +198,37 @@ def time_role(plan, role: Role) -> dict:
         torch.cuda.empty_cache()
     if worker._shm_allreduce_active():
         raise RuntimeError("DeepSpeed's shm all-reduce is on: it would communicate for real")
+    return gen, ctx.info, params
+
+
+def warm_up(gen, plan, ids) -> None:
+    """Compile every shape the timing will see, untimed (worker.compile_warmup's rule: each
+    shape WARMUP_CALLS times); a pipeline stage compiles on its own (Stage.precompile)."""
+    from gptbench import runner
+    from gptbench.compiled import WARMUP_CALLS
+
+    if plan.compile_mode == "off":
+        return
+    with torch.no_grad():
+        if hasattr(gen, "stage"):
+            gen.precompile(ids)
+            return
+        for _ in range(WARMUP_CALLS):
+            runner.generate_batch(gen, ids, min(plan.cfg.workload.output_len, WARMUP_CALLS))
+
+
+def time_role(plan, role: Role) -> dict:
+    """Build `role`, compile it as the run would, time it. Returns its compute (ms) and
+    memory."""
+    from gptbench.compiled import CompileStats, snapshot
+
+    device = plan.device
+    gen, info, params = build_role(plan, role)
     batches = plan.batches(role.rank)
     start = snapshot()
     wall = time.perf_counter()
     pipeline = hasattr(gen, "stage")
-    with torch.no_grad():
-        if plan.compile_mode != "off":
-            if pipeline:
-                gen.precompile(batches[0])
-            else:
-                from gptbench import runner
-                from gptbench.compiled import WARMUP_CALLS
-
-                for _ in range(WARMUP_CALLS):
-                    runner.generate_batch(gen, batches[0], min(plan.cfg.workload.output_len,
-                                                               WARMUP_CALLS))
+    warm_up(gen, plan, batches[0])
     compiled = CompileStats.since(start)
     warmup_wall_s = time.perf_counter() - wall
     if device.type == "cuda":
@@ -237,9 +252,9 @@ def time_role(plan, role: Role) -> dict:
            "compile": {"mode": plan.compile_mode, "compile_s": compiled.compile_s,
                        "graph_breaks": compiled.graph_breaks, "graphs": compiled.graphs,
                        "warmup_wall_s": warmup_wall_s},
-           "info": {k: ctx.info.get(k) for k in ("heads_per_tp_rank", "stage_layers",
+           "info": {k: info.get(k) for k in ("heads_per_tp_rank", "stage_layers",
                                                  "pipe_topology", "pipeline_schedule")}}
-    del gen, ctx
+    del gen
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -126,6 +126,17 @@ def stage_compute_s(ranks: list[dict], grid, phases: list[dict]) -> list[float]:
     return out
 
 
+def stage_prefill_s(ranks: list[dict], grid, phases: list[dict]) -> list[float] | None:
+    """Per pipeline stage, the prefill's compute (time outside collectives) on the profiled
+    batch: its slowest tensor rank, mean over replicas; None where a rank has none."""
+    ordered = sorted(ranks, key=lambda r: r["rank"])
+    per_rank = {r["rank"]: (p.get("prefill") or {}).get("compute_s") for r, p in zip(ordered, phases)}
+    if any(v is None for v in per_rank.values()):
+        return None
+    return [sum(max(per_rank[grid.rank(s, d, t)] for t in range(grid.tp))
+                for d in range(grid.dp)) / grid.dp for s in range(grid.pp)]
+
+
 def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
               device_name: str | None = None):
     """(`metrics.predicted`, None) or (None, why)."""
@@ -149,8 +160,10 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
         lookup = lambda *a: 0.0  # noqa: E731
         latency_source = ("none added: the profiled batch saw no collective (inside CUDA "
                           "graphs?), so the measured compute already holds them")
-    out = rl.predict_tpot(
-        lay, compute, lookup,
+    from gptbench import predict
+
+    out = predict.predict(
+        lay, stage_prefill_s(ranks, grid, phases), compute, lookup,
         compute_source=("measured on this run's profiled batch: time outside collectives "
                         "in its median decode step (a stage's slowest tensor rank, mean over "
                         "replicas), taken as given, whatever the engine; "
@@ -167,4 +180,6 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
     measured = (metrics.get("tpot_ms") or {}).get("p50")
     out["measured_tpot_ms_p50"] = measured
     out["measured_over_predicted"] = measured / out["tpot_ms"] if measured and out["tpot_ms"] else None
+    ttft = (metrics.get("ttft_ms") or {}).get("p50")
+    out["measured_ttft_over_predicted"] = ttft / out["ttft_ms"] if ttft and out["ttft_ms"] else None
     return out, None
