@@ -97,6 +97,12 @@ def _bench_cpu(a) -> int:
     return benchcpu.main(a.output_dir)
 
 
+def _bench_emulate_cpu(a) -> int:
+    from gptbench import benchemulate
+
+    return benchemulate.main(a.output_dir, a.real_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptbench", description=(
         "Benchmark GPT-2 generation under data, tensor, pipeline and hybrid parallelism "
@@ -180,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench-cpu", help="harness overhead and 2-rank scaling on CPU")
     b.add_argument("--output-dir", default="reports/bench-cpu")
     b.set_defaults(fn=_bench_cpu)
+
+    be = sub.add_parser("bench-emulate-cpu", help="the demo's real runs beside their emulated "
+                        "predictions (measured_over_emulated per row)")
+    be.add_argument("--output-dir", default="reports/bench-emulate-cpu")
+    be.add_argument("--real-dir", help="take the real runs from this suite folder instead of "
+                    "running the demo suite again")
+    be.set_defaults(fn=_bench_emulate_cpu)
     return p
 
 

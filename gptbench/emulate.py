@@ -307,7 +307,7 @@ def assemble(plan, timed: list[dict], latency_us, latency_source: str, env: dict
     lay = run_layout(plan)
     pre, dec = stage_figures(plan, timed)
     pred = predict.predict(
-        lay, pre, dec, latency_us,
+        lay, pre, dec, predict.at_world(latency_us, grid.world_size),
         compute_source="emulated: per stage the slowest role's median over the timed "
                        "prefills / decode steps, under the fake process group",
         latency_source=latency_source)

@@ -31,13 +31,23 @@ def latency_from(comm_file: str | None = None, interconnect: str | None = None):
     if comm_file:
         from gptbench.plan import latency_table
 
-        return latency_table(None, comm_file)
+        lookup, source = latency_table(None, comm_file)
+        return lookup, source  # LatencyTable.lookup_us: takes world_size= too
     if interconnect:
         from gptbench.interconnect import profile
 
         link = profile(interconnect)
-        return link.lookup_us, f"interconnect profile '{link.key}' ({link.name}): {link.source}"
+        return (lambda op, size, nbytes, world_size=None: link.lookup_us(op, size, nbytes),
+                f"interconnect profile '{link.key}' ({link.name}): {link.source}"
     return None, "none given (--comm-file or --interconnect): collectives counted as 0"
+
+
+def at_world(latency_us: LatencyUs | None, world_size: int) -> LatencyUs | None:
+    """`latency_from`'s lookup at the run's world size (a --comm-file holds each world
+    size's own entries: concurrent groups share the machine)."""
+    if latency_us is None:
+        return None
+    return lambda op, size, nbytes: latency_us(op, size, nbytes, world_size=world_size)
 
 
 def _seconds(latency_us: LatencyUs | None, op: str, size: int, nbytes: int) -> float:
