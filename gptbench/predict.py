@@ -38,7 +38,7 @@ def latency_from(comm_file: str | None = None, interconnect: str | None = None):
 
         link = profile(interconnect)
         return (lambda op, size, nbytes, world_size=None: link.lookup_us(op, size, nbytes),
-                f"interconnect profile '{link.key}' ({link.name}): {link.source}"
+                f"interconnect profile '{link.key}' ({link.name}): {link.source}")
     return None, "none given (--comm-file or --interconnect): collectives counted as 0"
 
 
