@@ -475,9 +475,9 @@ def run_suite_rows(path: str, output_dir: str | None, only, overrides, latency_u
 
 
 def add_latency_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--comm-file", help="collective latencies from gptbench diagnose --comm")
-    g.add_argument("--interconnect", help="a named link: nvlink4, nvlink3, nvlink-bridge, "
+    # Not an argparse exclusive group: giving both is one line of bad input (predict.latency_from)
+    p.add_argument("--comm-file", help="collective latencies from gptbench diagnose --comm")
+    p.add_argument("--interconnect", help="a named link: nvlink4, nvlink3, nvlink-bridge, "
                    "pcie5, pcie4 (docs/interconnects.md)")
 
 
