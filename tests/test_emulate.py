@@ -214,3 +214,13 @@ def test_a_compiled_tp2_shard_has_no_graph_break_and_its_all_reduce_in_code():
     assert result["heads_on_rank"] == 3 and result["graph_breaks"] == 0
     assert result["graphs"] >= 2  # prefill and decode
     assert result["all_reduce_in_code"], result
+
+
+def test_an_unpipelined_rows_compute_is_its_timed_steps_median_less_collectives():
+    from gptbench.figures import rank_step_compute_s
+
+    phase = {"decode_step_median": {"compute_s": 0.010, "communication_s": 0.004,
+                                    "waiting_s": 0.001}}
+    timed = [0.020, 0.009, 0.008, 0.030, 0.0085]  # a descheduled step does not move it
+    assert rank_step_compute_s({"decode_steps": 3}, phase, timed) == pytest.approx(0.009 - 0.005)
+    assert rank_step_compute_s({"decode_steps": 3}, phase, []) == 0.010
