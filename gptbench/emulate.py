@@ -322,7 +322,9 @@ def assemble(plan, timed: list[dict], latency_us, latency_source: str, env: dict
                               heads_per_tp_rank=info.get("heads_per_tp_rank"),
                               stage_layers=info.get("stage_layers"),
                               pipe_topology=info.get("pipe_topology"),
-                              pipeline_schedule=info.get("pipeline_schedule"))
+                              # the row's own (a cached role may come from the other schedule)
+                              pipeline_schedule=cfg.topology.pipeline_schedule
+                              if grid.pp > 1 else None)
     record["workload"]["dtype"] = str(plan.dtype).replace("torch.", "")
     record["engine"].update(compile=plan.compile_mode, threads_per_rank=plan.threads)
     one = lambda v: None if v is None else {"mean": v, "p50": v, "p90": None, "p99": None}  # noqa: E731
