@@ -71,7 +71,9 @@ def signature(plan, role: Role) -> tuple:
     dims = tuple(sorted((k, str(v)) for k, v in plan.model_dims.items()))
     pipeline = g.pp > 1
     return (cfg.strategy if not pipeline else "pipeline", cfg.engine.backend, dims,
-            str(plan.dtype), plan.device.type, plan.threads, plan.compile_mode, g.tp, g.pp,
+            str(plan.dtype), plan.device.type,
+            plan.threads if plan.device.type == "cpu" else None,  # a GPU rank's host threads
+            plan.compile_mode, g.tp, g.pp,
             role.stage, role.heads, plan.micro_batches if pipeline else 1,
             cfg.topology.partition_method if pipeline else None, w.batch_size, w.input_len,
             w.output_len, w.iterations, w.warmup)
