@@ -182,6 +182,9 @@ def build_role(plan, role: Role):
     from gptbench.strategies.base import RankContext
 
     grid, device = plan.grid, plan.device
+    # Each rank is its own process: nothing compiled for an earlier role is reused (and
+    # roles sharing a code object would otherwise run into dynamo's recompile limit).
+    torch._dynamo.reset()
     fake_world(role.rank, grid.world_size)
     torch.set_grad_enabled(False)  # AutoTP's RowParallel refuses its in-place bias add otherwise
     torch.set_num_threads(plan.threads)
