@@ -100,12 +100,18 @@ def roofline(plan, lay: sharding.Layout, metrics: dict, env: dict):
     return block, reason
 
 
-def rank_step_compute_s(profile: dict, phase: dict) -> float:
-    """A rank's compute in its median decode step. Where the profiled batch ran eagerly
-    (a compiled tensor-parallel row: tracked collectives would split its graphs), the
-    compiled program's own step time (a second, untracked batch) less the eager step's time
-    in collectives."""
+def rank_step_compute_s(profile: dict, phase: dict, timed_tpot_s: list | None = None) -> float:
+    """A rank's compute in its median decode step. With `timed_tpot_s` (unpipelined rows:
+    every timed decode step of the rank, compiled where the run is), their median less the
+    profiled median step's time in collectives and waiting: many steps of the program
+    timed, not one profiled batch. Else, where the profiled batch ran eagerly (a compiled
+    tensor-parallel row: tracked collectives would split its graphs), the compiled
+    program's own step time (a second, untracked batch) less the eager step's time in
+    collectives; else the profiled median step's compute."""
     median = phase["decode_step_median"]
+    if timed_tpot_s:
+        return max(0.0, statistics.median(timed_tpot_s) - median["communication_s"]
+                   - median["waiting_s"])
     marks = profile.get("compiled_marks_s")
     if not marks:
         return median["compute_s"]
@@ -119,13 +125,26 @@ def stage_compute_s(ranks: list[dict], grid, phases: list[dict]) -> list[float]:
     """Per pipeline stage, the compute (time outside collectives) of the median decode step
     of the replica batch: its slowest tensor rank, mean over data-parallel replicas."""
     ordered = sorted(ranks, key=lambda r: r["rank"])
-    per_rank = {r["rank"]: rank_step_compute_s(r["profile"], p) for r, p in zip(ordered, phases)}
+    per_rank = {r["rank"]: rank_step_compute_s(r["profile"], p,
+                                               r.get("tpot_s") if grid.pp == 1 else None)
+                for r, p in zip(ordered, phases)}
     out = []
     for s in range(grid.pp):
         replicas = [max(per_rank[grid.rank(s, d, t)] for t in range(grid.tp))
                     for d in range(grid.dp)]
         out.append(sum(replicas) / len(replicas))
     return out
+
+
+def stage_prefill_s(ranks: list[dict], grid, phases: list[dict]) -> list[float] | None:
+    """Per pipeline stage, the prefill's compute (time outside collectives) on the profiled
+    batch: its slowest tensor rank, mean over replicas; None where a rank has none."""
+    ordered = sorted(ranks, key=lambda r: r["rank"])
+    per_rank = {r["rank"]: (p.get("prefill") or {}).get("compute_s") for r, p in zip(ordered, phases)}
+    if any(v is None for v in per_rank.values()):
+        return None
+    return [sum(max(per_rank[grid.rank(s, d, t)] for t in range(grid.tp))
+                for d in range(grid.dp)) / grid.dp for s in range(grid.pp)]
 
 
 def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
@@ -151,13 +170,19 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
         lookup = lambda *a: 0.0  # noqa: E731
         latency_source = ("none added: the profiled batch saw no collective (inside CUDA "
                           "graphs?), so the measured compute already holds them")
-    out = rl.predict_tpot(
-        lay, compute, lookup,
-        compute_source=("measured on this run's profiled batch: time outside collectives "
-                        "in its median decode step (a stage's slowest tensor rank, mean over "
-                        "replicas), taken as given, whatever the engine; "
-                        + ("a compiled tensor-parallel row: the compiled batch's step time "
-                           "less the eager profiled step's time in collectives"
+    from gptbench import predict
+
+    out = predict.predict(
+        lay, stage_prefill_s(ranks, grid, phases), compute, lookup,
+        compute_source=("measured on this run: unpipelined, the median of every timed "
+                        "decode step less the profiled batch's median step's time in "
+                        "collectives and waiting; pipelines, time outside collectives in the "
+                        "profiled batch's median decode step (a stage's slowest tensor rank, "
+                        "mean over replicas), taken as given, whatever the engine; "
+                        + ("a compiled tensor-parallel row: the eager profiled step's "
+                           "time in collectives is subtracted from "
+                           + ("the timed compiled steps" if grid.pp == 1
+                              else "a compiled batch's step time")
                            if any(r["profile"].get("compiled_marks_s") for r in ranks)
                            else "the profiled batch ran the timed program")),
         latency_source=latency_source)
@@ -169,6 +194,8 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
     measured = (metrics.get("tpot_ms") or {}).get("p50")
     out["measured_tpot_ms_p50"] = measured
     out["measured_over_predicted"] = measured / out["tpot_ms"] if measured and out["tpot_ms"] else None
+    ttft = (metrics.get("ttft_ms") or {}).get("p50")
+    out["measured_ttft_over_predicted"] = ttft / out["ttft_ms"] if ttft and out["ttft_ms"] else None
     return out, None
 
 

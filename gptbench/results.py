@@ -230,6 +230,13 @@ FIELD_TYPES = {
     "metrics.time_breakdown": dict,
     **{f"metrics.time_breakdown.{part}": NUMBER for part in ("compute", "communication", "waiting")},
     "metrics.predicted": dict, "metrics.predicted.tpot_ms": NUMBER,
+    **{f"metrics.predicted.{k}": NUMBER for k in ("ttft_ms", "ttft_last_ms", "e2e_ms",
+                                                  "tokens_per_s")},
+    # gptbench/emulate.py: an emulated run (run_id emu-<id>)
+    "emulation": dict, "emulation.method": str, "emulation.device": str,
+    "emulation.latency_source": str, "emulation.roles": list, "emulation.of_run_id": str,
+    "emulation.scope": dict, "emulation.scope.in_scope": bool, "emulation.scope.reason": str,
+    "emulation.fits": dict, "emulation.fits.fits": bool,
     "metrics.model_memory_bytes": dict,
     **{f"metrics.model_memory_bytes.{part}": LIST_OF_NUMBERS for part in ("per_rank", "weights", "kv")},
     "workload.iterations": int, "workload.min_duration_s": NUMBER,

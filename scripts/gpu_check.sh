@@ -47,4 +47,15 @@ if ! err=$("$PY" -c 'import deepspeed, transformers, yaml, gptbench.launcher' 2>
     exit 1
 fi
 "$PY" -c 'import torch, deepspeed, transformers; print(f"gpu-check: torch {torch.__version__} (CUDA {torch.version.cuda}), deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")' 2>/dev/null
-exec "$PY" -m gptbench.gpucheck --output-dir "${GPU_CHECK_OUT:-reports/gpu-check}" "$@"
+OUT="${GPU_CHECK_OUT:-reports/gpu-check}"
+"$PY" -m gptbench.gpucheck --output-dir "$OUT" "$@"
+rc=$?
+# Within the same call, time-bounded: the 9-row GPU suite emulated on this one GPU
+# (make bench-emulate), then the compiled tensor-parallel proof under a fake process group
+# (gptbench/emulate_proof.py). Neither changes the exit code: they are benchmarks.
+timeout "${EMULATE_BUDGET_S:-300}" "$PY" -m gptbench.cli suite deepspeed_configs/suite-gpu.yaml \
+    --emulate --interconnect "${INTERCONNECT:-nvlink4}" --output-dir "$OUT/emulated" \
+    --set model.weights=random || echo "gpu-check: bench-emulate stopped (exit $?)" >&2
+timeout "${PROOF_BUDGET_S:-240}" "$PY" -m gptbench.emulate_proof --device cuda \
+    --out "$OUT/emulate-proof.json" || echo "gpu-check: the fake-group compile proof stopped (exit $?)" >&2
+exit $rc

@@ -57,8 +57,11 @@ def render_report(suite_dir, title: str | None = None) -> tuple[dict[str, Path],
     """Render suite_dir/runs/*.json into suite_dir: ({file name: path} of what was written,
     [(path, reason)] of the files in runs/ that were skipped, also listed in the report)."""
     suite_dir = Path(suite_dir)
+    from gptbench.report import emulated
+
     records, skipped = load_runs(suite_dir)
     written = {"summary.csv": write_summary_csv(records, suite_dir / "summary.csv")}
+    records, emulated_records = emulated.split(records)
     pngs = chart_pngs(records)
     for file_name in CHARTS:
         path = suite_dir / file_name
@@ -69,12 +72,33 @@ def render_report(suite_dir, title: str | None = None) -> tuple[dict[str, Path],
             # Left by an earlier render whose data is gone; the report no longer shows it.
             path.unlink(missing_ok=True)
     context = report_context(records, skipped, pngs, title or f"gptbench report: {suite_dir.resolve().name}")
+    context.update(emulated_context(emulated_records, suite_dir, written))
     templates = template_environment()
     for file_name in ("report.md", "report.html"):
         path = suite_dir / file_name
         write_atomic(path, templates.get_template(f"{file_name}.j2").render(context).encode("utf-8"))
         written[file_name] = path
     return written, skipped
+
+
+def emulated_context(records: list[dict], suite_dir: Path, written: dict) -> dict:
+    """The emulated rows' table and chart (gptbench/report/emulated.py), written apart."""
+    from gptbench.report import emulated
+
+    path = suite_dir / emulated.CHART_FILE
+    figure = emulated.chart(records)
+    chart = None
+    if figure is None:
+        path.unlink(missing_ok=True)
+    else:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+        write_atomic(path, buffer.getvalue())
+        written[emulated.CHART_FILE] = path
+        chart = {"file": emulated.CHART_FILE, "caption": emulated.CHART_CAPTION,
+                 "data_uri": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")}
+    return {"emulated_intro": emulated.INTRO, "emulated_rows": emulated.rows(records),
+            "emulated_chart": chart}
 
 
 def write_summary_csv(records: list[dict], path: Path) -> Path:
