@@ -203,6 +203,7 @@ FIELD_TYPES = {
                      "workload.num_samples"), int),
     "engine.backend": str, "engine.kernel_inject": bool, "engine.cuda_graph": bool,
     "engine.compile": str, "engine.threads_per_rank": int,
+    "engine.comm_timeout_s": NUMBER, "engine.comm_timeout_reason": str,
     "env.device_name": str, "env.cpus_usable": int,
     **dict.fromkeys(("metrics.throughput_tokens_per_s", "metrics.throughput_cv_pct",
                      "metrics.timed_wall_s", "metrics.comm_fraction", "metrics.compile_s"),

@@ -62,7 +62,9 @@ def init_distributed(plan: RunPlan, rank: int, world: int, local_size: int) -> N
     # smaller than the world its results are silently wrong (docs/deepspeed-notes.md,
     # CPU all-reduce). Keep it off.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    timeout = _dt.timedelta(seconds=plan.cfg.engine.comm_timeout_s)
+    from gptbench.watchdog import for_plan
+
+    timeout = _dt.timedelta(seconds=for_plan(plan)[0])
     # Groups made later (tensor-parallel groups, DeepSpeed's pipeline groups) take torch's
     # default timeout (30 min), not the world's: a silent peer would hang them that long.
     from torch.distributed import distributed_c10d
@@ -175,6 +177,9 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["engine"]["shm_allreduce"] = any(r["shm_allreduce"] for r in ranks)
     record["engine"]["deepspeed_config"] = info.get("deepspeed_config")
     record["engine"]["compile"] = plan.compile_mode
+    from gptbench.watchdog import for_plan
+
+    record["engine"]["comm_timeout_s"], record["engine"]["comm_timeout_reason"] = for_plan(plan)
     record["topology"]["pipeline_schedule"] = info.get("pipeline_schedule")
     metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
     figures.model_metrics(plan, ranks, metrics, record["env"], reasons)
