@@ -298,6 +298,9 @@ def teardown() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Before anything starts CUDA: a direct `deepspeed` launch has not had gptbench's
+    # launcher set it (launcher.RANK_ENV_DEFAULTS says why)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     multinode.die_with_launcher()
     rank, world, local_rank, local_size = dist_env()
     try:
