@@ -82,6 +82,7 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             decode_input_lens=sorted(timing.decode_input_lens),
             peak_memory_bytes=memory.peak_bytes(),
             peak_reserved_bytes=memory.peak_reserved_bytes(),
+            device_used_bytes=memory.device_used_bytes(),
             memory_kind=memory.kind,
         )
         out["gpu_util_pct"], out["gpu_util_reason"] = sampler.result()

@@ -56,7 +56,7 @@ def test_cpu_peak_rss_grows_by_a_held_allocation():
     tracker.stop()
     del tensor
     assert tracker.kind == "rss"
-    assert tracker.peak_reserved_bytes() is None
+    assert tracker.peak_reserved_bytes() is None and tracker.device_used_bytes() is None
     assert tracker.peak_bytes() - tracker.baseline_bytes == pytest.approx(ALLOCATION_BYTES, rel=0.1)
 
 
@@ -91,6 +91,7 @@ def test_cuda_peak_allocated_grows_by_a_known_allocation():
     assert tracker.kind == "cuda_allocated"
     assert tracker.peak_bytes() - tracker.baseline_bytes == pytest.approx(ALLOCATION_BYTES, rel=0.1)
     assert tracker.peak_reserved_bytes() >= tracker.peak_bytes()
+    assert tracker.device_used_bytes() >= tracker.peak_reserved_bytes()  # context on top
 
 
 # --- GPU utilisation --------------------------------------------------------------------
