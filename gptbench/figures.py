@@ -101,16 +101,16 @@ def roofline(plan, lay: sharding.Layout, metrics: dict, env: dict):
 def rank_step_compute_s(profile: dict, phase: dict) -> float:
     """A rank's compute in its median decode step. Where the profiled batch ran eagerly
     (a compiled tensor-parallel row: tracked collectives would split its graphs), the
-    compiled program's own step time (a second, untracked batch) less the eager step's time
-    in collectives."""
+    compiled program's own whole step time (a second, untracked batch), its collectives
+    included: the eager batch's communication is another program's (synced, unfused) and is
+    not subtracted from it; `predicted` then adds no latency on top."""
     median = phase["decode_step_median"]
     marks = profile.get("compiled_marks_s")
     if not marks:
         return median["compute_s"]
     steps = [b - a for a, b in zip(marks[1:], marks[2:])]
-    per_step = statistics.median(steps) if len(steps) == profile["decode_steps"] else (
+    return statistics.median(steps) if len(steps) == profile["decode_steps"] else (
         (marks[-1] - marks[1]) / profile["decode_steps"])
-    return max(0.0, per_step - median["communication_s"] - median["waiting_s"])
 
 
 def stage_compute_s(ranks: list[dict], grid, phases: list[dict]) -> list[float]:
@@ -144,7 +144,12 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
                       "(trackers/latency.py, as gptbench diagnose --comm): from the last "
                       "participant's issue to the return, median of 20")
     seen = sum(sum((f["decode_step_calls"] or {}).values()) for f in block["per_rank"])
-    if lay.collectives() and not seen:
+    compiled_marks = any(r["profile"].get("compiled_marks_s") for r in ranks)
+    if lay.collectives() and compiled_marks:
+        lookup = lambda *a: 0.0  # noqa: E731
+        latency_source = ("none added: the compiled step's measured time holds its own "
+                          "collectives (the eagerly profiled batch's are another program's)")
+    elif lay.collectives() and not seen:
         # e.g. collectives replayed inside CUDA graphs: their time is in the compute term
         lookup = lambda *a: 0.0  # noqa: E731
         latency_source = ("none added: the profiled batch saw no collective (inside CUDA "
@@ -154,9 +159,9 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
         compute_source=("measured on this run's profiled batch: time outside collectives "
                         "in its median decode step (a stage's slowest tensor rank, mean over "
                         "replicas), taken as given, whatever the engine; "
-                        + ("a compiled tensor-parallel row: the compiled batch's step time "
-                           "less the eager profiled step's time in collectives"
-                           if any(r["profile"].get("compiled_marks_s") for r in ranks)
+                        + ("a compiled tensor-parallel row: the compiled batch's whole "
+                           "step time, its collectives included"
+                           if compiled_marks
                            else "the profiled batch ran the timed program")),
         latency_source=latency_source)
     out["latencies"] = entries

@@ -150,6 +150,7 @@ def _profile(gen, ids, output_len: int, device, info: dict) -> dict:
             "decode_steps": steps, "output_len": output_len,
             "calls": [c.as_list() for c in comm.log],
             "comm_by_op": {k: vars(v) for k, v in comm.by_op.items()},
+            "comm_timing": comm.method, "comm_timing_error": comm.timing_error,
             "busy_s": state.busy_s if state is not None else None}
 
 

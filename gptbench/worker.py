@@ -67,6 +67,11 @@ def init_distributed(plan: RunPlan, rank: int, world: int, local_size: int) -> N
     timeout = _dt.timedelta(seconds=for_plan(plan)[0])
     # Groups made later (tensor-parallel groups, DeepSpeed's pipeline groups) take torch's
     # default timeout (30 min), not the world's: a silent peer would hang them that long.
+    if plan.device.type == "cuda" and plan.cfg.engine.profile_comm:
+        # NCCL records start/end events per collective only when told before its groups
+        # exist: the profiled batch reads each collective's kernel time from them
+        # (trackers/comm.py), instead of syncing around every call
+        os.environ.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
     from torch.distributed import distributed_c10d
     distributed_c10d.default_pg_timeout = timeout
     distributed_c10d.default_pg_nccl_timeout = timeout
