@@ -265,3 +265,30 @@ def test_nccl_kernel_times_split_by_the_groups_shortest_kernel():
     assert split["unmatched"] == {0: 0, 1: 0}
     block, _ = time_breakdown({r: profile(c, [0.9, 1.0, 1.1]) for r, c in logs.items()})
     assert "NCCL kernel" in block["source"] and "syncs around it" not in block["source"]
+
+
+def test_a_compiled_tp_rows_prediction_adds_no_latency_to_its_compiled_step():
+    """Compiled tp=2: the profiled batch ran eagerly (its all-reduces tracked); the compiled
+    batch's step (8 ms, collectives inside) is the prediction's compute, and no all-reduce
+    latency is added on top (the eager batch's would count them twice)."""
+    from gptbench import sharding
+    from gptbench.figures import predicted
+    from gptbench.roofline import ModelDims
+    from gptbench.topology import Grid
+
+    dims = ModelDims.of({"n_layer": 2, "n_head": 2, "n_embd": 8, "vocab_size": 16,
+                         "n_positions": 32})
+    lay = sharding.layout(dims, 1, 2, 1, 1, 1, 4, 4, 4)
+    grid = Grid(2, 1, 2, 1)
+    marks = [0.0, 0.1, 0.2, 0.3, 0.4]  # eager: prefill, then 3 decode steps of 100 ms
+    calls = [call("all_reduce", "collective", (0, 1), t, end=t + 0.04) for t in (0.15, 0.25, 0.35)]
+    ranks = [{"rank": r, "profile": {**profile(calls, marks), "decode_steps": 3,
+                                     "compiled_marks_s": [1.0, 1.1, 1.108, 1.116, 1.124],
+                                     "latency_s": {"all_reduce:32": 0.001}}}
+             for r in (0, 1)]
+    out, why = predicted(lay, grid, ranks, {"tpot_ms": {"p50": 8.0}})
+    assert why is None
+    assert out["compute_ms_per_step"] == [pytest.approx(8.0)]
+    assert out["tpot_ms"] == pytest.approx(8.0)  # the compiled step, nothing added
+    assert "none added" in out["latency_source"]
+    assert "whole step time" in out["compute_source"]
