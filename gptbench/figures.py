@@ -48,6 +48,8 @@ def profile_metrics(ranks: list[dict], grid, micro_batches: int, reasons: dict) 
                             "(tracked collectives would split its graphs)")
     out["time_breakdown"] = block
     out["comm_fraction"] = block["communication"]
+    if block["communication"] is None:  # e.g. NCCL gave no kernel times
+        reasons["metrics.comm_fraction"] = block["source"]
     out["comm_fraction_per_rank"] = [f["communication"] for f in block["per_rank"]]
     if grid.pp == 1:
         reasons["metrics.bubble_fraction"] = "no pipeline (pp=1)"

@@ -292,3 +292,15 @@ def test_a_compiled_tp_rows_prediction_adds_no_latency_to_its_compiled_step():
     assert out["tpot_ms"] == pytest.approx(8.0)  # the compiled step, nothing added
     assert "none added" in out["latency_source"]
     assert "whole step time" in out["compute_source"]
+
+
+def test_without_nccl_kernel_times_the_fractions_are_null_and_say_why():
+    """TORCH_NCCL_ENABLE_TIMING off: the calls have no kernel time; zero communication
+    would be a made-up number, so the fractions are null and the source says why."""
+    logs = {r: [call("all_reduce", "collective", (0, 1), 1.0, end=1.0)] for r in (0, 1)}
+    profiles = {r: {**profile(c, [0.9, 1.0, 1.1]),
+                    "comm_timing_error": "RuntimeError: getDuration only works if timing was enabled"}
+                for r, c in logs.items()}
+    block, _ = time_breakdown(profiles)
+    assert block["communication"] is None and block["compute"] is None
+    assert "NCCL kernel times unavailable: RuntimeError: getDuration" in block["source"]

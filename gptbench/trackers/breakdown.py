@@ -204,8 +204,9 @@ def time_breakdown(profiles: dict[int, dict]) -> tuple[dict, list[dict]]:
                              for k in ("wall", "compute", "communication", "waiting")},
                          "decode_step_calls": times["decode_step_calls"], "by_op": by_op})
     known = [f for f in per_rank if f["compute"] is not None]
-    mean = {k: (sum(f[k] for f in known) / len(known) if known else None)
-            for k in ("compute", "communication", "waiting")}
+    untimed = any(p.get("comm_timing_error") for p in profiles.values())
+    mean = {k: (sum(f[k] for f in known) / len(known) if known and not untimed else None)
+            for k in ("compute", "communication", "waiting")}  # untimed: no kernel times
     return {
         **mean,
         "per_rank": per_rank,
