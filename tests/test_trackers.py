@@ -364,3 +364,17 @@ def test_device_path_on_gloo_says_why_it_has_no_kernel_times(gloo_world_of_one):
 def test_the_host_clock_path_stays_on_cpu():
     assert CommTracker(CPU).method == "host_clock_with_device_syncs"
     assert CommTracker(torch.device("cuda", 0)).method == "nccl_work_duration"
+
+
+def test_latency_is_the_groups_shortest_kernel_where_every_member_has_one():
+    """CUDA: each probe iteration's latency is the group's shortest NCCL kernel (the last
+    to arrive spins least), not our host span with its launch and sync; where a member has
+    no kernel time (gloo, timing off) the host clock's span after the last issue."""
+    from gptbench.trackers.latency import after_last_arrival_s, kernel_seconds
+
+    host = [{"host": "h", "ref": 0.0, "spans": [(1.0, 1.5, 37e-6), (2.0, 2.5, 9e-6)]},
+            {"host": "h", "ref": 0.0, "spans": [(1.2, 1.5, 7e-6), (2.1, 2.5, 30e-6)]}]
+    assert after_last_arrival_s(host, [0, 1], 0) == pytest.approx((7e-6 + 9e-6) / 2)
+    no_kernel = [{**e, "spans": [s[:2] + (None,) for s in e["spans"]]} for e in host]
+    assert after_last_arrival_s(no_kernel, [0, 1], 0) == pytest.approx((0.3 + 0.4) / 2)
+    assert kernel_seconds(None) is None and kernel_seconds(StandInWork(0.006, [])) == 6e-6
