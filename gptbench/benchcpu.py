@@ -15,9 +15,10 @@ whether or not a target is met (1 only when nothing could be measured).
    config's engine.threads). The DeepSpeed
    `InferenceEngine` arm (`init_inference`, tp_size=1, gloo, world of one) runs the same
    way when DeepSpeed initialises in-process, else it is skipped with the reason.
-   `compile_speedup`: the same pairing between the DeepSpeed engine compiled over a static
-   KV cache (engine.compile=default: inductor; no CUDA graphs on CPU) and the same engine
-   eager, on separate copies of the model; target >= 1.5 on the small preset. Compilation
+   `compile_speedup`: the same pairing between gptbench's compiled step over the DeepSpeed
+   engine's module (engine.compile=default: inductor, parameters frozen, the KV cache
+   written in place; no CUDA graphs on CPU) and the same engine eager, on separate copies
+   of the model; target >= 1.5 on the small preset. Compilation
    happens in the untimed warm-up (`compile_s`).
 2. Scaling: deepspeed_configs/bench-cpu.yaml through the `deepspeed` launcher, one torch
    thread per rank: 1 rank of pure_data_parallel (the baseline), then 2 ranks of each
@@ -80,7 +81,7 @@ def gptbench_unit(gen, ids: torch.Tensor, output_len: int) -> tuple[int, float, 
 
     cpu = time.process_time()
     timing = runner.run_timed(gen, [ids], output_len, iterations=1, warmup=0,
-                              barrier=runner.no_sync)
+                              barrier=lambda: None)
     return timing.generated_tokens, timing.timed_wall_s, time.process_time() - cpu
 
 
@@ -126,8 +127,11 @@ def deepspeed_generator(plan, model):
         # CPU all-reduce): keep it off.
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo")
+    from gptbench.worker import inductor_options
+
     ctx = RankContext(cfg=plan.cfg, grid=plan.grid, rank=0, device=plan.device,
-                      dtype=plan.dtype, model=model, info={"compile_mode": plan.compile_mode})
+                      dtype=plan.dtype, model=model,
+                      info={"compile_mode": plan.compile_mode, "inductor": inductor_options(plan)})
     return REGISTRY["pure_data_parallel"](ctx)
 
 
@@ -157,13 +161,17 @@ def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
     ctx = RankContext(cfg=plan.cfg, grid=plan.grid, rank=0, device=plan.device,
                       dtype=plan.dtype, model=model, info={"compile_mode": "off"})
     gens = {"gptbench_hf": REGISTRY["pure_data_parallel"](ctx)}
-    skipped, compile_s = {}, None
+    skipped, compile_s, options = {}, None, None
     for name, mode in (("gptbench_deepspeed", "off"), ("gptbench_compiled", "default")):
         if not with_deepspeed:
             skipped[name] = "not requested (with_deepspeed=False)"
             continue
         try:
             ds_plan = _plan(config_path, overrides, "deepspeed", mode)
+            if mode != "off":
+                from gptbench.worker import inductor_options
+
+                options = inductor_options(ds_plan)
             gens[name] = deepspeed_generator(ds_plan, copy.deepcopy(model))
         except Exception as e:  # noqa: BLE001 - reported in bench.json, the rest still runs
             skipped[name] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
@@ -174,13 +182,15 @@ def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
     names = list(units)
     wall = {name: [] for name in names}  # tokens per wall second, one per (repeat, batch)
     cpu = {name: [] for name in names}   # tokens per CPU second of this process
-    with torch.no_grad():
+    with torch.no_grad(), compiled.compiling(options):
         start = compiled.snapshot()
         tokens_match = {name: same_tokens(model, gen, batches[0], w.output_len)
                         for name, gen in gens.items()}
         for name in names:  # warm-up: allocator, thread pool, first-call paths, compilation
             units[name](batches[0])
         compile_s = compiled.CompileStats.since(start).compile_s
+        stance = compiled.measuring(options)  # as the worker measures a compiled run
+        stance.__enter__()
         # One batch per unit, arms back to back, order rotating: a pair of units sees
         # the same machine state even when other processes come and go.
         for i in range(repeats * len(batches)):
@@ -189,6 +199,7 @@ def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
                 tokens, wall_s, cpu_s = units[name](ids)
                 wall[name].append(tokens / wall_s)
                 cpu[name].append(tokens / cpu_s if cpu_s > 0 else None)
+        stance.__exit__(None, None, None)
     if "gptbench_deepspeed" in gens and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # the world of one is done
     block = overhead_block({"wall": wall, "cpu": cpu}, tokens_match, skipped, plan, model)

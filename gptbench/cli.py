@@ -45,7 +45,8 @@ def _compare(a) -> int:
     from gptbench.compare import compare, parse_fail_on
 
     gates = [gate for spec in a.fail_on for gate in parse_fail_on(spec)]
-    text, code = compare(a.base, a.candidate, gates, allow_missing=a.allow_missing)
+    text, code = compare(a.base, a.candidate, gates, allow_missing=a.allow_missing,
+                         noise=a.noise)
     print(text, end="")
     return code
 
@@ -122,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "more than PCT percent in a matched run; exit 2 when it compared nothing")
     c.add_argument("--allow-missing", action="store_true",
                    help="a base run with no match in the candidate does not fail --fail-on")
+    c.add_argument("--noise", choices=("intervals", "mann-whitney", "none"), default="intervals",
+                   help="what tells a change beyond its limit from noise: the runs' 95 %% "
+                        "intervals not overlapping (default), a Mann-Whitney test on their "
+                        "per-batch figures, or nothing")
     c.set_defaults(fn=_compare)
 
     pl = sub.add_parser("plan", help="predicted memory and roofline bounds per strategy")

@@ -58,7 +58,11 @@ class WorkloadConfig:
     input_len: int = 256
     output_len: int = 64
     num_samples: int = 20  # per data-parallel replica (weak scaling)
-    iterations: int = 3
+    iterations: int = 3    # the least number of timed passes over the replica's batches
+    # timed passes continue until both iterations and min_duration_s are reached (bounded
+    # by half of timeout_s from the rank's start); 0: iterations alone
+    min_duration_s: float = 0.0
+    max_cv_pct: float = 10.0  # a pass-to-pass throughput CV above this makes the run invalid
     warmup: int = 1        # untimed batches before the timed iterations
     dataset: typing.Optional[str] = None  # None: seeded synthetic token ids
 
@@ -81,6 +85,11 @@ class EngineConfig:
     # torch.compile of the decode step over a static KV cache; auto: reduce-overhead (CUDA
     # graphs) on CUDA, off on CPU
     compile: str = "auto"
+    # how the decode step is compiled (gptbench/compiled.py InductorOptions)
+    freezing: bool = True              # parameters inlined as constants, not graph inputs
+    tuning: str = "none"               # none | coordinate_descent | max_autotune
+    attention: str = "math"            # math (inductor fuses it) | sdpa
+    skip_guard_eval: bool = True       # after warm-up, evaluate only distinguishing guards
     kernel_inject: bool = False
     cuda_graph: bool = False
     threads: typing.Optional[int] = None  # torch threads per rank; None: cores / local ranks
@@ -109,6 +118,8 @@ CHOICES = {
     "engine.device": DEVICES, "topology.partition_method": PARTITION_METHODS,
     "engine.backend": BACKENDS, "topology.pipe_topology": PIPE_TOPOLOGIES,
     "engine.compile": COMPILE_MODES, "topology.pipeline_schedule": PIPELINE_SCHEDULES,
+    "engine.tuning": ("none", "coordinate_descent", "max_autotune"),
+    "engine.attention": ("math", "sdpa"),
 }
 POSITIVE = {"topology.world_size", "topology.tp", "topology.pp", "topology.micro_batches",
             "workload.batch_size", "workload.input_len", "workload.output_len",
@@ -286,6 +297,10 @@ def _check_values(cfg: RunConfig) -> None:
         raise UserError(f"parity.tolerance: must be >= 0, got {cfg.parity.tolerance}")
     if cfg.workload.warmup < 0:
         raise UserError(f"workload.warmup: must be >= 0, got {cfg.workload.warmup}")
+    if cfg.workload.min_duration_s < 0:
+        raise UserError(f"workload.min_duration_s: must be >= 0, got {cfg.workload.min_duration_s}")
+    if cfg.workload.max_cv_pct <= 0:
+        raise UserError(f"workload.max_cv_pct: must be positive, got {cfg.workload.max_cv_pct}")
     from gptbench.models import PRESETS
     if cfg.model.preset is not None and cfg.model.preset not in PRESETS:
         raise UserError(f"model.preset: '{cfg.model.preset}' is not one of {', '.join(PRESETS)}")

@@ -1,14 +1,16 @@
 """The record's figures derived from every rank's measurements: the time breakdown and the
 pipeline bubble (results.aggregate_metrics calls `profile_metrics`), the roofline, the
-model's memory per rank and the predicted TPOT (the worker calls `model_metrics`).
+model's memory per rank and the predicted TPOT (the worker calls `model_metrics`), the
+timed passes, per-batch figures, their intervals, the energy and the run's validity (the
+worker calls `quality_metrics`).
 """
 from __future__ import annotations
 
 import statistics
 
-from gptbench import sharding
+from gptbench import sharding, stats
 from gptbench.measure import run_layout
-from gptbench.trackers import breakdown, latency
+from gptbench.trackers import breakdown, energy, latency
 
 
 def _latency_entries(lay: sharding.Layout, ranks: list[dict]) -> list[dict]:
@@ -175,3 +177,108 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
     out["measured_tpot_ms_p50"] = measured
     out["measured_over_predicted"] = measured / out["tpot_ms"] if measured and out["tpot_ms"] else None
     return out, None
+
+
+def _compact(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def batch_figures(ranks: list[dict]) -> dict:
+    """One entry per timed batch of the run (a batch index: every replica's batch of that
+    index ran together, between two barriers): tokens of all replicas, wall seconds of the
+    slowest rank, TTFT and TPOT values pooled over the replicas."""
+    outputs = [r for r in ranks if r["is_output"]]
+    per_pass = ranks[0]["batches_per_pass"]
+    n = len(ranks[0]["e2e_s"])
+    tokens = [sum(r["iteration_tokens"][j // per_pass] // per_pass for r in outputs)
+              for j in range(n)]
+    wall = [max(r["e2e_s"][j] for r in ranks) for j in range(n)]
+    ttft = [[x * 1e3 for r in outputs for x in r["batch_ttft_s"][j]] for j in range(n)]
+    tpot = [[x * 1e3 for r in outputs for x in r["batch_tpot_s"][j]] for j in range(n)]
+    return {"tokens": tokens, "wall_s": wall, "ttft_ms": ttft, "tpot_ms": tpot}
+
+
+def intervals(metrics: dict, figures: dict, reasons: dict) -> dict | None:
+    """`metrics.intervals`: 95 % bootstrap intervals over the timed batches of throughput
+    (the ratio tokens / seconds, resampled, scaled to the run's throughput: the batches'
+    walls leave out the barriers between them), TTFT p50 and TPOT p50."""
+    n = len(figures["wall_s"])
+    if n < 2:
+        reasons["metrics.intervals"] = f"needs at least 2 timed batches, the run has {n}"
+        return None
+    factors = stats.ratio_factors(figures["tokens"], figures["wall_s"])
+    out = {"method": stats.METHOD, "confidence": stats.CONFIDENCE,
+           "resamples": stats.RESAMPLES, "seed": stats.SEED, "batches": n,
+           "throughput_tokens_per_s": [metrics["throughput_tokens_per_s"] * f
+                                       for f in stats.percentile_interval(factors)]}
+    for key in ("ttft_ms", "tpot_ms"):
+        groups = figures[key]
+        if not any(groups):
+            out[f"{key}_p50"] = None
+            reasons[f"metrics.intervals.{key}_p50"] = "no values (output_len 1 has no decode step)"
+            continue
+        out[f"{key}_p50"] = stats.percentile_interval(stats.pooled_percentile_bootstrap(groups, 50))
+    return out
+
+
+def validity(cfg, grid, ranks: list[dict], metrics: dict) -> dict:
+    """`metrics.validity`: "valid", or "invalid" with every reason found."""
+    w = cfg.workload
+    why, checks = [], {}
+    asked = w.iterations * w.num_samples * grid.dp * w.output_len
+    checks["timed_tokens"] = {"generated": metrics["generated_tokens"], "asked": asked}
+    if metrics["generated_tokens"] < asked:
+        why.append(f"{metrics['generated_tokens']} timed tokens, fewer than the {asked} asked "
+                   "(iterations x num_samples x replicas x output_len)")
+    passes = metrics["timed_passes"]
+    if passes["stopped_by"] == "timeout_bound":
+        why.append(f"timed passes stopped at the timeout bound (half of timeout_s) after "
+                   f"{passes['wall_s']:.1f} s, short of workload.min_duration_s={w.min_duration_s:g}")
+    cv = metrics.get("throughput_cv_pct")
+    checks["throughput_cv_pct"] = {"value": cv, "max": w.max_cv_pct}
+    if cv is not None and cv > w.max_cv_pct:
+        why.append(f"pass-to-pass throughput CV {cv:.1f} % above workload.max_cv_pct "
+                   f"{w.max_cv_pct:g} %")
+    graphs = [r.get("graphs_in_timed_passes") for r in ranks]
+    checks["graphs_in_timed_passes"] = None if None in graphs else max(graphs)
+    if checks["graphs_in_timed_passes"]:
+        why.append(f"{checks['graphs_in_timed_passes']} graph(s) compiled inside the timed "
+                   "passes: the timings include compilation")
+    hosts: dict = {}
+    for r in ranks:
+        loads = [x for x in r.get("load_avg_1m") or [] if x is not None]
+        host = hosts.setdefault(r.get("host"), {"load_avg_1m_max": None, "cpu_count": r.get("cpu_count"),
+                                                "ranks": 0})
+        host["ranks"] += 1
+        if loads:
+            host["load_avg_1m_max"] = max(loads + [host["load_avg_1m_max"] or 0.0])
+    checks["load"] = [{"host": h, **v} for h, v in hosts.items()]
+    for h, v in hosts.items():
+        if v["load_avg_1m_max"] is not None and v["cpu_count"] and v["load_avg_1m_max"] > v["cpu_count"]:
+            why.append(f"load average {v['load_avg_1m_max']:g} on {h} with {v['cpu_count']} CPUs "
+                       "at the edges of the timed passes: more runnable threads than cores, "
+                       "the run shared its cores")
+    return {"verdict": "invalid" if why else "valid", "reasons": why, "checks": checks}
+
+
+def quality_metrics(plan, ranks: list[dict], metrics: dict, reasons: dict) -> None:
+    """Fill `timed_passes`, `batches` (compact), `intervals`, `energy` and `validity` in
+    `metrics` (the worker calls this once the per-rank metrics are aggregated)."""
+    w = plan.cfg.workload
+    first = ranks[0]["timed_passes"]
+    metrics["timed_passes"] = {"count": first["count"], "wall_s": metrics["timed_wall_s"],
+                               "min_iterations": w.iterations, "min_duration_s": w.min_duration_s,
+                               "stopped_by": first["stopped_by"],
+                               "per_rank_count": [r["timed_passes"]["count"] for r in ranks]}
+    figures = batch_figures(ranks)
+    metrics["batches"] = {
+        "tokens": figures["tokens"], "wall_s": [_compact(x) for x in figures["wall_s"]],
+        **{f"{key}_p50": [_compact(stats.percentile(sorted(g), 50)) if g else None
+                          for g in figures[key]] for key in ("ttft_ms", "tpot_ms")},
+        "source": "per timed batch: tokens of all replicas, the slowest rank's seconds, "
+                  "the batch's TTFT and TPOT p50 over replicas"}
+    metrics["intervals"] = intervals(metrics, figures, reasons)
+    metrics["energy"], why = energy.energy_block(ranks, metrics["generated_tokens"])
+    if why:
+        reasons["metrics.energy"] = why
+    metrics["validity"] = validity(plan.cfg, plan.grid, ranks, metrics)

@@ -26,8 +26,11 @@ import os
 import sys
 import time
 
+from dataclasses import dataclass
+
 import torch
 
+from gptbench.compiled import InductorOptions
 from gptbench.errors import UserError
 
 
@@ -231,6 +234,15 @@ def in_flight_event_timing(device: torch.device, budget_s: float, steps: int = 1
 
 # ---- (d) four processes compiling at once ------------------------------------------------
 
+@dataclass(frozen=True)
+class TraceOnly(InductorOptions):
+    """dynamo's tracing without inductor (backend="eager"): the proof's machinery in
+    seconds, for tests on a CPU."""
+
+    def compile(self, fn):
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend="eager")
+
+
 def _compile_rank(index: int, preset: str | None, name: str, mode: str, backend: str,
                   device_name: str, barrier, queue) -> None:
     """One process: load, wait for the others, compile prefill and decode, report."""
@@ -238,7 +250,7 @@ def _compile_rank(index: int, preset: str | None, name: str, mode: str, backend:
         from gptbench import compiled
         from gptbench.models import load_model
         from gptbench.runplan import DTYPES
-        from gptbench.strategies.base import StaticLM
+        from gptbench.strategies.base import StepLM
 
         device = torch.device(device_name)
         if device.type == "cuda":
@@ -247,14 +259,14 @@ def _compile_rank(index: int, preset: str | None, name: str, mode: str, backend:
         started = time.perf_counter()
         model = load_model(name, "random", preset, dtype, device)
         load_s = time.perf_counter() - started
-        kwargs = compiled.compile_kwargs(mode) if backend == "inductor" else {"backend": backend}
-        model.compile(**kwargs)  # in place, as InferenceEngine.compile() does
-        lm = StaticLM(model, model, 40, device, dtype, cudagraphs=mode == "reduce-overhead")
+        options = (compiled.InductorOptions(mode=mode) if backend == "inductor"
+                   else TraceOnly(mode="default"))
+        lm = StepLM(model, options, 40, device, dtype)  # gptbench's step, as the runs use it
         ids = torch.zeros((4, 32), dtype=torch.long, device=device)
         barrier.wait(timeout=600)
         begin = time.time()
         before = compiled.snapshot()
-        with torch.no_grad():
+        with torch.no_grad(), compiled.compiling(options):
             for _ in range(compiled.WARMUP_CALLS):
                 step = lm.prefill(ids)
                 for _ in range(2):

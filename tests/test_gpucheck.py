@@ -26,9 +26,12 @@ def test_deepspeed_kernel_rows_are_refused_before_launch(tmp_path, name, reason)
 
 def test_rows_put_the_compiled_deepspeed_path_second():
     names = [r.name for r in gpucheck.ROWS]
-    assert names[:4] == ["hf_eager", "deepspeed_compiled", "hf_compiled", "deepspeed"]
+    assert names[:3] == ["hf_eager", "deepspeed_compiled", "hf_compiled"]
+    assert {"deepspeed_compiled_sdpa", "deepspeed_compiled_tuned", "deepspeed"} <= set(names)
     overrides = {r.name: r.overrides for r in gpucheck.ROWS}
     assert "engine.compile=reduce-overhead" in overrides["deepspeed_compiled"]
+    assert "engine.attention=sdpa" in overrides["deepspeed_compiled_sdpa"]
+    assert "engine.tuning=coordinate_descent" in overrides["deepspeed_compiled_tuned"]
     assert "engine.compile=off" in overrides["deepspeed"]
 
 
@@ -48,10 +51,15 @@ def test_targets_take_the_best_deepspeed_row_with_parity():
     t = gpucheck.evaluate_targets(rows)
     assert t["best_deepspeed_row"] == "deepspeed_compiled"  # the faster row failed parity
     assert t["roofline"]["met"] is True
-    assert t["speedup_vs_hf_eager"]["speedup"] == pytest.approx(12.0)
+    assert t["tpot_vs_hf_compiled"]["ratio"] == pytest.approx(0.75)
+    assert t["tpot_vs_hf_compiled"]["met"] is False
     assert t["roofline"]["tpot_ms_at_target"] == pytest.approx(3.2e9 / (0.5 * 4800e9) * 1e3)
+    rows[1]["decode_profile"] = {"step_ms": 1.5, "kernels_per_step": 120, "busy_ms_per_step": 1.4,
+                                 "host_ms_per_step": 0.3, "fraction_of_floor": 0.45,
+                                 "floor_ms": 0.67, "verdict": "kernel-bound"}
     table = gpucheck.format_table({"device_name": "test card", "rows": rows, "targets": t})
-    assert "deepspeed_compiled" in table and "12.00x" in table
+    assert "deepspeed_compiled" in table and "0.75x" in table
+    assert "120 kernels" in table and "kernel-bound" in table
 
 
 def test_no_targets_without_a_deepspeed_row():
