@@ -2,8 +2,8 @@
 (gptbench/figures.py turns the gathered ranks into the record's derived figures).
 
 The time breakdown is taken on a separate profiled batch after the timed iterations: its
-tracker synchronises the device around every collective, which would perturb the timed
-numbers on a GPU. After it, the latency of each kind of collective the run makes is
+tracker (trackers/comm.py) wraps every collective, on CPU in device syncs, on CUDA issuing
+it non-blocking to read its NCCL kernel time, which would perturb the timed numbers. After it, the latency of each kind of collective the run makes is
 probed on the run's own groups (trackers/latency.py), for the predicted TPOT.
 The pipeline's per-stage busy time (PipeState.profile / busy_s) is taken on that same batch.
 """
