@@ -227,7 +227,8 @@ def table_row(record: dict) -> dict:
         "watts": fmt(at("metrics.energy.average_watts"), ".1f"),
         "j_per_token": fmt(at("metrics.energy.joules_per_token"), ".3g"),
         "e2e_mean_ms": fmt(at("metrics.e2e_ms.mean"), ".1f"),
-        "gpu_util": fmt(at("metrics.gpu_utilization_pct.mean"), ".1f", "%"),
+        "gpu_util": util_text(at("metrics.gpu_utilization_pct.mean"),
+                              at("metrics.bubble_fraction.stage_busy_fraction")),
         "ttft_p50_ms": fmt(at("metrics.ttft_ms.p50"), ".1f") + plus_minus(at("metrics.intervals.ttft_ms_p50"), ".1f"),
         "ttft_p99_ms": fmt(at("metrics.ttft_ms.p99"), ".1f"),
         "tpot_p50_ms": fmt(at("metrics.tpot_ms.p50"), ".1f") + plus_minus(at("metrics.intervals.tpot_ms_p50"), ".2f"),
@@ -243,6 +244,15 @@ def table_row(record: dict) -> dict:
         "roofline": fmt(at("metrics.roofline.fraction_of_peak"), ".1%"),
         "parity": parity_text(record.get("parity")),
     }
+
+
+def util_text(kernel_resident_pct, stage_busy) -> str:
+    """NVML's kernel-resident share, and for pipelines the stages' busy share (the work)."""
+    text = fmt(kernel_resident_pct, ".1f", "%")
+    busy = [b for b in stage_busy or [] if b is not None]
+    if busy:
+        text += f" · stage busy {sum(busy) / len(busy):.0%}"
+    return text
 
 
 def fmt(value, spec: str, suffix: str = "") -> str:
