@@ -69,10 +69,14 @@ def init_distributed(plan: RunPlan, rank: int, world: int, local_size: int) -> N
     timeout = _dt.timedelta(seconds=for_plan(plan)[0])
     # Groups made later (tensor-parallel groups, DeepSpeed's pipeline groups) take torch's
     # default timeout (30 min), not the world's: a silent peer would hang them that long.
-    if plan.device.type == "cuda" and plan.cfg.engine.profile_comm:
+    graphed_collectives = plan.compile_mode == "reduce-overhead" and plan.grid.tp > 1
+    if plan.device.type == "cuda" and plan.cfg.engine.profile_comm and not graphed_collectives:
         # NCCL records start/end events per collective only when told before its groups
         # exist: the profiled batch reads each collective's kernel time from them
-        # (trackers/comm.py), instead of syncing around every call
+        # (trackers/comm.py), instead of syncing around every call. Not where all-reduces
+        # are captured in CUDA graphs (compiled tensor parallel): whether NCCL's timing
+        # events are legal inside a capture is unverified, so such a row's breakdown is
+        # null with the reason rather than a capture put at risk.
         os.environ.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
     from torch.distributed import distributed_c10d
     distributed_c10d.default_pg_timeout = timeout
