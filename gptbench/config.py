@@ -95,7 +95,9 @@ class EngineConfig:
     cuda_graph: bool = False
     threads: typing.Optional[int] = None  # torch threads per rank; None: cores / local ranks
     deepspeed_config: typing.Optional[str] = None  # None: deepspeed_configs/ds_<strategy>.json
-    comm_timeout_s: float = 120.0
+    # the watchdog timeout of every process group; auto: from the device and the predicted
+    # compile time of ranks compiling at once (gptbench/watchdog.py)
+    comm_timeout_s: typing.Union[float, str] = "auto"
     profile_comm: bool = True
 
 
@@ -124,6 +126,7 @@ POSITIVE = {"topology.world_size", "topology.tp", "topology.pp", "topology.micro
             "workload.batch_size", "workload.input_len", "workload.output_len",
             "workload.num_samples", "workload.iterations", "parity.samples", "parity.tokens",
             "engine.threads", "timeout_s", "engine.comm_timeout_s"}
+AUTO_NUMBERS = {"engine.comm_timeout_s"}  # a number, or the string "auto"
 
 
 def _coerce(key: str, value, hint):
@@ -145,6 +148,14 @@ def _coerce(key: str, value, hint):
     return float(value) if hint is float else value
 
 
+def _auto_or_number(key: str, value):
+    if value == "auto":
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise UserError(f"{key}: expected a number or 'auto', got {type(value).__name__} {value!r}")
+
+
 def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got "
@@ -160,6 +171,8 @@ def _build(cls, data: dict, prefix: str = ""):
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        elif prefix + name in AUTO_NUMBERS:
+            kwargs[name] = _auto_or_number(prefix + name, value)
         else:
             kwargs[name] = _coerce(prefix + name, value, hint)
     return cls(**kwargs)
@@ -278,7 +291,7 @@ def _check_values(cfg: RunConfig) -> None:
                 allowed = [f"{name} ({alias})" for alias, name in ALIASES.items()]
             raise UserError(f"{key}: '{values[key]}' is not one of {', '.join(allowed)}")
     for key in POSITIVE:
-        if values[key] is not None and values[key] <= 0:
+        if isinstance(values[key], (int, float)) and values[key] <= 0:
             raise UserError(f"{key}: must be positive, got {values[key]}")
     if cfg.parity.tolerance is not None and cfg.parity.tolerance < 0:
         raise UserError(f"parity.tolerance: must be >= 0, got {cfg.parity.tolerance}")

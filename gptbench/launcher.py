@@ -38,6 +38,16 @@ WAITING = re.compile(r"timed out|timeout|connection (closed|reset)|broken pipe|p
 # Gloo prefixes its messages with its source location: noise in a one-line error.
 SOURCE_LOCATION = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
 GRACE_S = 10.0  # SIGTERM to SIGKILL
+# What every rank gets unless the caller's environment says otherwise. CUDA numbers GPUs
+# fastest first, NVML and nvidia-smi by PCI bus: on a machine with mixed GPUs cuda:1 would
+# not be NVML's GPU 1 (the utilisation sampler would read another card), nor what
+# CUDA_VISIBLE_DEVICES=1 means to someone reading nvidia-smi.
+RANK_ENV_DEFAULTS = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def rank_environment(env: dict) -> dict:
+    """`env` with RANK_ENV_DEFAULTS filled in where it has none."""
+    return {**RANK_ENV_DEFAULTS, **env}
 
 
 def deepspeed_command(config_path: str | None, overrides: list[str], world: int,
@@ -141,7 +151,7 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     `hostfile`: run on its hosts through DeepSpeed's multi-node launcher (multinode.py).
     `refuse_not_applicable` (a single `gptbench run`): a grid that cannot be formed is bad
     input (UserError, nothing written); a suite records it as `not_applicable` instead."""
-    env = {**os.environ, **(env or {})}
+    env = rank_environment({**os.environ, **(env or {})})
     fault_spec = env.get(faults.ENV) or None
     faults.parse(fault_spec)
     layout = load_layout(hostfile, ranks) if hostfile else None

@@ -124,6 +124,12 @@ def unfinished(cfg, world_size: int, run_id: str, status: str, error: str,
     return record
 
 
+UTIL_SOURCE = ("NVML utilization.gpu: the share of time at least one kernel was resident; an "
+               "NCCL kernel spin-waiting for a peer counts as busy, so pipeline bubbles and "
+               "tensor-parallel stragglers read as utilised. Not work, never ranked: the "
+               "pipeline's work figure is bubble_fraction.stage_busy_fraction")
+
+
 def _ms(seconds: list[float]) -> dict:
     return summarize([s * 1e3 for s in seconds])
 
@@ -165,9 +171,20 @@ def aggregate_metrics(ranks: list[dict], grid, micro_batches: int) -> tuple[dict
         metrics["peak_reserved_bytes"] = {"per_rank": reserved, "max": max(reserved)}
     else:
         reasons["metrics.peak_reserved_bytes"] = "only the CUDA caching allocator reserves memory"
+    device_used = [r.get("device_used_bytes") for r in ranks]
+    if all(v is not None for v in device_used):
+        metrics["device_memory_used_bytes"] = {
+            "per_rank": device_used, "max": max(device_used),
+            "source": "torch.cuda.mem_get_info (total - free) at the end of the timed region: "
+                      "the whole device, with NCCL's buffers, the CUDA context and any other "
+                      "process on the GPU, which max_memory_allocated does not see"}
+    else:
+        metrics["device_memory_used_bytes"] = None
+        reasons["metrics.device_memory_used_bytes"] = "device-level memory is read on CUDA only"
     util = [r["gpu_util_pct"] for r in ranks]
     if all(u is not None for u in util):
-        metrics["gpu_utilization_pct"] = {"mean": sum(util) / len(util), "per_rank": util}
+        metrics["gpu_utilization_pct"] = {"mean": sum(util) / len(util), "per_rank": util,
+                                          "kind": "kernel-resident", "source": UTIL_SOURCE}
     else:
         reasons["metrics.gpu_utilization_pct"] = next(
             r["gpu_util_reason"] for r in ranks if r["gpu_util_pct"] is None)
@@ -204,6 +221,7 @@ FIELD_TYPES = {
                      "workload.num_samples"), int),
     "engine.backend": str, "engine.kernel_inject": bool, "engine.cuda_graph": bool,
     "engine.compile": str, "engine.threads_per_rank": int, "engine.step": str,
+    "engine.comm_timeout_s": NUMBER, "engine.comm_timeout_reason": str,
     "engine.inductor": dict, "engine.inductor.mode": str, "engine.inductor.attention": str,
     "engine.inductor.tuning": str, "engine.inductor.freezing": bool,
     "metrics.compile": dict, "metrics.compile.decode_graph": dict,
@@ -223,6 +241,10 @@ FIELD_TYPES = {
     "metrics.peak_memory_bytes": dict, "metrics.peak_memory_bytes.per_rank": LIST_OF_NUMBERS,
     "metrics.peak_memory_bytes.max": NUMBER, "metrics.peak_memory_bytes.kind": str,
     "metrics.gpu_utilization_pct": dict, "metrics.gpu_utilization_pct.mean": NUMBER,
+    "metrics.gpu_utilization_pct.kind": str,
+    "metrics.device_memory_used_bytes": dict,
+    "metrics.device_memory_used_bytes.per_rank": LIST_OF_NUMBERS,
+    "metrics.device_memory_used_bytes.max": NUMBER,
     "metrics.bubble_fraction": dict, "metrics.bubble_fraction.measured": NUMBER,
     "metrics.bubble_fraction.theory": NUMBER,
     "metrics.roofline": dict, "metrics.roofline.fraction_of_peak": NUMBER,
@@ -230,6 +252,13 @@ FIELD_TYPES = {
     "metrics.time_breakdown": dict,
     **{f"metrics.time_breakdown.{part}": NUMBER for part in ("compute", "communication", "waiting")},
     "metrics.predicted": dict, "metrics.predicted.tpot_ms": NUMBER,
+    **{f"metrics.predicted.{k}": NUMBER for k in ("ttft_ms", "ttft_last_ms", "e2e_ms",
+                                                  "tokens_per_s")},
+    # gptbench/emulate.py: an emulated run (run_id emu-<id>)
+    "emulation": dict, "emulation.method": str, "emulation.device": str,
+    "emulation.latency_source": str, "emulation.roles": list, "emulation.of_run_id": str,
+    "emulation.scope": dict, "emulation.scope.in_scope": bool, "emulation.scope.reason": str,
+    "emulation.fits": dict, "emulation.fits.fits": bool,
     "metrics.model_memory_bytes": dict,
     **{f"metrics.model_memory_bytes.{part}": LIST_OF_NUMBERS for part in ("per_rank", "weights", "kv")},
     "workload.iterations": int, "workload.min_duration_s": NUMBER,

@@ -276,6 +276,37 @@ def run_suite(path: str, resume: bool = False, output_dir: str | None = None,
     return 0
 
 
+def emulate_suite(path: str, output_dir: str | None = None, only: list[str] | None = None,
+                  overrides: list[str] = (), comm_file: str | None = None,
+                  interconnect: str | None = None) -> int:
+    """`suite FILE --emulate`: every row emulated (gptbench/emulate.py) in one child process
+    (one role cache for all rows; a failed row is recorded and the rest still run), records
+    `emu-<id>` beside the suite's own (nothing is moved aside), then the report."""
+    import subprocess
+
+    from gptbench import emulate, predict
+
+    suite = load_suite(path, output_dir, only, overrides)
+    emulate.check_rows(suite, path)
+    predict.latency_from(comm_file, interconnect)  # bad input before the child starts
+    cmd = [sys.executable, "-m", "gptbench.emulate", "--suite", path,
+           "--output-dir", suite.output_dir]
+    cmd += [f"--only={o}" for o in only or []] + [f"--set={o}" for o in overrides]
+    cmd += [f"--comm-file={comm_file}"] if comm_file else []
+    cmd += [f"--interconnect={interconnect}"] if interconnect else []
+    code = subprocess.run(cmd).returncode
+    if code == 2:
+        return 2
+    from gptbench.report.render import render_report
+
+    written, skipped = render_report(suite.output_dir, title=suite.title)
+    for skipped_path, reason in skipped:
+        print(f"gptbench: skipped {skipped_path}: {reason}", file=sys.stderr)
+    print(f"gptbench: emulated rows in {suite.output_dir}/runs (emu-*); report: "
+          f"{written.get('report.html', suite.output_dir)}")
+    return 0 if code == 0 else 1
+
+
 def _line(record: dict) -> str:
     if record["status"] == "ok":
         m, p = record["metrics"], record.get("parity") or {}

@@ -389,6 +389,16 @@ def test_a_speedup_beyond_linear_is_called_suspect(tmp_path):
     assert "--only 1gpu-dp1" in sentence
 
 
+def test_utilisation_is_labelled_kernel_resident_beside_the_stages_work(rendered):
+    from gptbench.report.render import util_text
+
+    suite_dir, _ = rendered
+    assert "GPU kernel-resident (not work)" in (suite_dir / "report.md").read_text()
+    assert "GPU kernel-resident (not work)" in (suite_dir / "report.html").read_text()
+    assert util_text(97.0, [0.5, None, 0.7]) == "97.0% · stage busy 60%"
+    assert util_text(None, None) == "—"
+
+
 # ---- intervals, validity and energy --------------------------------------------------------
 
 def with_interval(low, high):
