@@ -153,7 +153,7 @@ def _auto_or_number(key: str, value):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    raise UserError(f"{key}: expected a number or 'auto', got {type(value).__name__} {value!r}")
+    raise UserError(f"{key}: expected a number or 'auto', got {limits.show(value)}")
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -337,7 +337,8 @@ def _check_bounds(values: dict) -> None:
         if values[key] is not None:
             limits.check_int(key, values[key], low, high)
     for key in SECONDS:
-        limits.check_float(key, values[key], 0, limits.MAX_SECONDS, low_open=True)
+        if values[key] != "auto":  # engine.comm_timeout_s: auto (gptbench/watchdog.py)
+            limits.check_float(key, values[key], 0, limits.MAX_SECONDS, low_open=True)
     limits.check_float("workload.min_duration_s", values["workload.min_duration_s"], 0,
                        limits.MAX_SECONDS)
     limits.check_float("workload.max_cv_pct", values["workload.max_cv_pct"], 0, 1e6,
