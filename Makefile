@@ -14,6 +14,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 GPU_ROWS := $(foreach n,2 4,$(foreach s,dp tp pp full,bench-$(n)gpu-$(s)))
 
 .PHONY: install test test-multinode demo report bench-cpu bench-1gpu bench-all gpu-check gpu-wheels diagnose clean \
+        bench-emulate bench-emulate-cpu \
         $(GPU_ROWS)
 
 install: $(STAMP)
@@ -57,6 +58,19 @@ $(GPU_ROWS): bench-%: install
 
 bench-all: install
 	$(GPTBENCH) suite deepspeed_configs/suite-gpu.yaml
+
+# The 9-row GPU suite emulated on this machine's one GPU (gptbench/emulate.py): every rank
+# role timed alone under a fake process group, collectives at INTERCONNECT's latencies
+# (docs/interconnects.md); records reports/gpu/runs/emu-*.json beside the measured rows.
+INTERCONNECT ?= nvlink4
+bench-emulate: install
+	$(GPTBENCH) suite deepspeed_configs/suite-gpu.yaml --emulate --interconnect $(INTERCONNECT) \
+		$(if $(WEIGHTS),--set model.weights=$(WEIGHTS))
+
+# On CPU, where both sides can be measured: each ok demo row's real multi-process run beside
+# its emulated prediction (latencies from this machine's gloo), measured_over_emulated per row.
+bench-emulate-cpu: install
+	$(GPTBENCH) bench-emulate-cpu
 
 diagnose: install
 	$(GPTBENCH) diagnose

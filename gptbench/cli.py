@@ -23,9 +23,21 @@ def _run(a) -> int:
     return 0 if status in ("ok", "not_applicable") else 1
 
 
+def _emulate(a) -> int:
+    from gptbench import emulate
+
+    return emulate.emulate_command(a.config, a.set, a.ranks, a.comm_file, a.interconnect)
+
+
 def _suite(a) -> int:
     from gptbench import suite
 
+    if a.emulate:
+        return suite.emulate_suite(a.file, output_dir=a.output_dir, only=a.only,
+                                   overrides=a.set, comm_file=a.comm_file,
+                                   interconnect=a.interconnect)
+    if a.comm_file or a.interconnect:
+        raise UserError("--comm-file/--interconnect apply to --emulate only")
     return suite.run_suite(a.file, resume=a.resume, output_dir=a.output_dir, only=a.only,
                            overrides=a.set)
 
@@ -58,7 +70,10 @@ def _plan(a) -> int:
 
 
 def _datasets_make(a) -> int:
-    from gptbench import datasets
+    from gptbench import datasets, limits
+
+    limits.check_seed("--seed", a.seed)
+    limits.check_int("--vocab-size", a.vocab_size, 1, 2 ** 31 - 1)
 
     datasets.check_make_inputs(a.out, a.num_samples, a.input_len, a.n_positions, a.prompts,
                                a.tokenizer)
@@ -86,6 +101,12 @@ def _bench_cpu(a) -> int:
     return benchcpu.main(a.output_dir)
 
 
+def _bench_emulate_cpu(a) -> int:
+    from gptbench import benchemulate
+
+    return benchemulate.main(a.output_dir, a.real_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptbench", description=(
         "Benchmark GPT-2 generation under data, tensor, pipeline and hybrid parallelism "
@@ -108,7 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these run ids (repeat the flag or separate them by commas)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every configuration")
+    s.add_argument("--emulate", action="store_true", help="emulate every row on this one "
+                   "device instead of running it (gptbench emulate; records emu-<id>)")
+    from gptbench.emulate import add_latency_arguments
+    add_latency_arguments(s)
     s.set_defaults(fn=_suite)
+
+    em = sub.add_parser("emulate", help="a multi-rank configuration measured on one device: "
+                        "each rank role under a fake process group, then predicted")
+    em.add_argument("--config", required=True)
+    em.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    em.add_argument("--ranks", type=int, help="ranks of the run emulated (default "
+                    "topology.world_size or 1)")
+    add_latency_arguments(em)
+    em.set_defaults(fn=_emulate)
 
     rp = sub.add_parser("report", help="render report.html/report.md/summary.csv from records")
     rp.add_argument("dir")
@@ -160,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench-cpu", help="harness overhead and 2-rank scaling on CPU")
     b.add_argument("--output-dir", default="reports/bench-cpu")
     b.set_defaults(fn=_bench_cpu)
+
+    be = sub.add_parser("bench-emulate-cpu", help="the demo's real runs beside their emulated "
+                        "predictions (measured_over_emulated per row)")
+    be.add_argument("--output-dir", default="reports/bench-emulate-cpu")
+    be.add_argument("--real-dir", help="take the real runs from this suite folder instead of "
+                    "running the demo suite again")
+    be.set_defaults(fn=_bench_emulate_cpu)
     return p
 
 
@@ -167,8 +208,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except UserError as e:
-        print(f"gptbench: error: {e}", file=sys.stderr)
+    except UserError as e:  # one line whatever the message quotes (a user's newline)
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"gptbench: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptbench: interrupted", file=sys.stderr)

@@ -26,7 +26,7 @@ from gptbench.results import read_run, value_at
 
 # +1: higher is better, -1: lower is better. A metric that can gate needs a direction.
 DIRECTIONS = {
-    "throughput_tokens_per_s": +1, "speedup": +1, "parallel_efficiency": +1, "gpu_utilization_pct": +1,
+    "throughput_tokens_per_s": +1, "speedup": +1, "parallel_efficiency": +1,
     "roofline": +1, "ttft_ms": -1, "tpot_ms": -1, "e2e_ms": -1, "peak_memory_bytes": -1,
     "comm_fraction": -1, "bubble_fraction": -1, "throughput_cv_pct": -1, "timed_wall_s": -1,
     "compile_s": -1, "graph_breaks": -1,
@@ -36,7 +36,15 @@ LOWER_IS_BETTER_SUFFIXES = ("_ms", "_bytes", "_s")
 # The field a dict metric is compared by when its name alone is given: p50 for latency
 # distributions, a middle that a single slow request does not move.
 DICT_FIELDS = {"ttft_ms": "p50", "tpot_ms": "p50", "e2e_ms": "p50", "peak_memory_bytes": "max",
-               "gpu_utilization_pct": "mean", "bubble_fraction": "measured", "roofline": "fraction_of_peak"}
+               "bubble_fraction": "measured", "roofline": "fraction_of_peak"}
+# Metrics with no better direction: they never gate, and the message says why.
+NOT_RANKED = {
+    "gpu_utilization_pct": (
+        "GPU utilisation is kernel-resident time (NVML counts a kernel spin-waiting for a peer "
+        "as busy, so pipeline bubbles and tensor-parallel stragglers read as utilised): higher "
+        "is not better, so it ranks nothing; the pipeline's work figure is "
+        "bubble_fraction.stage_busy_fraction"),
+}
 LATENCY_FIELDS = ("mean", "p50", "p90", "p99", "min", "max")
 # Fields of dict metrics that gate by name, where the direction is not the metric's.
 FIELD_DIRECTIONS = {
@@ -88,6 +96,8 @@ def check_gates(fail_on: list[tuple[str, float]]) -> list[tuple[str, int, float]
     """[(printed name, direction, limit pct)]; UserError for a name that cannot gate."""
     gates = []
     for name, pct in fail_on:
+        if name.partition(".")[0] in NOT_RANKED:
+            raise UserError(f"--fail-on {name!r}: {NOT_RANKED[name.partition('.')[0]]}")
         found = gate_path(name)
         if found is None:
             valid = sorted({gate_path(n)[0] for n in DIRECTIONS} | set(FIELD_DIRECTIONS)
@@ -96,6 +106,20 @@ def check_gates(fail_on: list[tuple[str, float]]) -> list[tuple[str, int, float]
                             f"valid: {', '.join(valid)} (a dict metric alone means its field shown here)")
         gates.append((*found, pct))
     return gates
+
+
+def check_recorded(gates: list, runs: list[dict], base, candidate) -> None:
+    """A gate named only by its unit suffix (a metric gptbench may add later) must be a
+    metric some record holds; else it is a typo (`latency_s`), refused before any output."""
+    for name, _, _ in gates:
+        top = name.partition(".")[0]
+        if name in FIELD_DIRECTIONS or top in DIRECTIONS:
+            continue
+        if not any(isinstance(r.get("metrics"), dict) and top in r["metrics"] for r in runs):
+            known = sorted({k for r in runs if isinstance(r.get("metrics"), dict)
+                            for k in r["metrics"]} | set(DIRECTIONS))
+            raise UserError(f"--fail-on {name}: no run of {base} or {candidate} records "
+                            f"metrics.{top} (metrics: {', '.join(known)})")
 
 
 def compare(base, candidate, fail_on: list[tuple[str, float]],
@@ -107,6 +131,7 @@ def compare(base, candidate, fail_on: list[tuple[str, float]],
     gates = check_gates(fail_on)
     base_runs, base_skipped = load_side(base)
     candidate_runs, candidate_skipped = load_side(candidate)
+    check_recorded(gates, base_runs + candidate_runs, base, candidate)
     pairs, notes = match_runs(base_runs, candidate_runs, single=Path(base).is_file() and Path(candidate).is_file())
     if not pairs:
         raise UserError(f"nothing to compare: no run in common by run_id or by configuration; "

@@ -50,6 +50,8 @@ def profile_metrics(ranks: list[dict], grid, micro_batches: int, reasons: dict) 
                             "(tracked collectives would split its graphs)")
     out["time_breakdown"] = block
     out["comm_fraction"] = block["communication"]
+    if block["communication"] is None:  # e.g. NCCL gave no kernel times
+        reasons["metrics.comm_fraction"] = block["source"]
     out["comm_fraction_per_rank"] = [f["communication"] for f in block["per_rank"]]
     if grid.pp == 1:
         reasons["metrics.bubble_fraction"] = "no pipeline (pp=1)"
@@ -100,32 +102,52 @@ def roofline(plan, lay: sharding.Layout, metrics: dict, env: dict):
     return block, reason
 
 
-def rank_step_compute_s(profile: dict, phase: dict) -> float:
+def rank_step_compute_s(profile: dict, phase: dict, timed_tpot_s: list | None = None) -> float:
     """A rank's compute in its median decode step. Where the profiled batch ran eagerly
     (a compiled tensor-parallel row: tracked collectives would split its graphs), the
-    compiled program's own step time (a second, untracked batch) less the eager step's time
-    in collectives."""
+    compiled program's own whole step time, its collectives included: the median of its
+    timed steps (`timed_tpot_s`, unpipelined rows) or of a second, untracked batch; the
+    eager batch's communication is another program's (synced, unfused) and is not
+    subtracted from it, and `predicted` then adds no latency on top. Else, with
+    `timed_tpot_s`, their median less the profiled median step's time in collectives and
+    waiting (many steps of the program timed, not one profiled batch); else the profiled
+    median step's compute."""
     median = phase["decode_step_median"]
+    if timed_tpot_s:
+        return max(0.0, statistics.median(timed_tpot_s) - median["communication_s"]
+                   - median["waiting_s"])
     marks = profile.get("compiled_marks_s")
     if not marks:
         return median["compute_s"]
     steps = [b - a for a, b in zip(marks[1:], marks[2:])]
-    per_step = statistics.median(steps) if len(steps) == profile["decode_steps"] else (
+    return statistics.median(steps) if len(steps) == profile["decode_steps"] else (
         (marks[-1] - marks[1]) / profile["decode_steps"])
-    return max(0.0, per_step - median["communication_s"] - median["waiting_s"])
 
 
 def stage_compute_s(ranks: list[dict], grid, phases: list[dict]) -> list[float]:
     """Per pipeline stage, the compute (time outside collectives) of the median decode step
     of the replica batch: its slowest tensor rank, mean over data-parallel replicas."""
     ordered = sorted(ranks, key=lambda r: r["rank"])
-    per_rank = {r["rank"]: rank_step_compute_s(r["profile"], p) for r, p in zip(ordered, phases)}
+    per_rank = {r["rank"]: rank_step_compute_s(r["profile"], p,
+                                               r.get("tpot_s") if grid.pp == 1 else None)
+                for r, p in zip(ordered, phases)}
     out = []
     for s in range(grid.pp):
         replicas = [max(per_rank[grid.rank(s, d, t)] for t in range(grid.tp))
                     for d in range(grid.dp)]
         out.append(sum(replicas) / len(replicas))
     return out
+
+
+def stage_prefill_s(ranks: list[dict], grid, phases: list[dict]) -> list[float] | None:
+    """Per pipeline stage, the prefill's compute (time outside collectives) on the profiled
+    batch: its slowest tensor rank, mean over replicas; None where a rank has none."""
+    ordered = sorted(ranks, key=lambda r: r["rank"])
+    per_rank = {r["rank"]: (p.get("prefill") or {}).get("compute_s") for r, p in zip(ordered, phases)}
+    if any(v is None for v in per_rank.values()):
+        return None
+    return [sum(max(per_rank[grid.rank(s, d, t)] for t in range(grid.tp))
+                for d in range(grid.dp)) / grid.dp for s in range(grid.pp)]
 
 
 def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
@@ -146,19 +168,28 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
                       "(trackers/latency.py, as gptbench diagnose --comm): from the last "
                       "participant's issue to the return, median of 20")
     seen = sum(sum((f["decode_step_calls"] or {}).values()) for f in block["per_rank"])
-    if lay.collectives() and not seen:
+    compiled_marks = any(r["profile"].get("compiled_marks_s") for r in ranks)
+    if lay.collectives() and compiled_marks:
+        lookup = lambda *a: 0.0  # noqa: E731
+        latency_source = ("none added: the compiled step's measured time holds its own "
+                          "collectives (the eagerly profiled batch's are another program's)")
+    elif lay.collectives() and not seen:
         # e.g. collectives replayed inside CUDA graphs: their time is in the compute term
         lookup = lambda *a: 0.0  # noqa: E731
         latency_source = ("none added: the profiled batch saw no collective (inside CUDA "
                           "graphs?), so the measured compute already holds them")
-    out = rl.predict_tpot(
-        lay, compute, lookup,
-        compute_source=("measured on this run's profiled batch: time outside collectives "
-                        "in its median decode step (a stage's slowest tensor rank, mean over "
-                        "replicas), taken as given, whatever the engine; "
-                        + ("a compiled tensor-parallel row: the compiled batch's step time "
-                           "less the eager profiled step's time in collectives"
-                           if any(r["profile"].get("compiled_marks_s") for r in ranks)
+    from gptbench import predict
+
+    out = predict.predict(
+        lay, stage_prefill_s(ranks, grid, phases), compute, lookup,
+        compute_source=("measured on this run: unpipelined, the median of every timed "
+                        "decode step less the profiled batch's median step's time in "
+                        "collectives and waiting; pipelines, time outside collectives in the "
+                        "profiled batch's median decode step (a stage's slowest tensor rank, "
+                        "mean over replicas), taken as given, whatever the engine; "
+                        + ("a compiled tensor-parallel row: the compiled program's whole "
+                           "step time, its collectives included"
+                           if compiled_marks
                            else "the profiled batch ran the timed program")),
         latency_source=latency_source)
     out["latencies"] = entries
@@ -169,6 +200,8 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
     measured = (metrics.get("tpot_ms") or {}).get("p50")
     out["measured_tpot_ms_p50"] = measured
     out["measured_over_predicted"] = measured / out["tpot_ms"] if measured and out["tpot_ms"] else None
+    ttft = (metrics.get("ttft_ms") or {}).get("p50")
+    out["measured_ttft_over_predicted"] = ttft / out["ttft_ms"] if ttft and out["ttft_ms"] else None
     return out, None
 
 

@@ -2,8 +2,8 @@
 (gptbench/figures.py turns the gathered ranks into the record's derived figures).
 
 The time breakdown is taken on a separate profiled batch after the timed iterations: its
-tracker synchronises the device around every collective, which would perturb the timed
-numbers on a GPU. After it, the latency of each kind of collective the run makes is
+tracker (trackers/comm.py) wraps every collective, on CPU in device syncs, on CUDA issuing
+it non-blocking to read its NCCL kernel time, which would perturb the timed numbers. After it, the latency of each kind of collective the run makes is
 probed on the run's own groups (trackers/latency.py), for the predicted TPOT.
 The pipeline's per-stage busy time (PipeState.profile / busy_s) is taken on that same batch.
 """
@@ -94,6 +94,7 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             decode_input_lens=sorted(timing.decode_input_lens),
             peak_memory_bytes=memory.peak_bytes(),
             peak_reserved_bytes=memory.peak_reserved_bytes(),
+            device_used_bytes=memory.device_used_bytes(),
             memory_kind=memory.kind,
         )
         out["gpu_util_pct"], out["gpu_util_reason"] = sampler.result()
@@ -253,6 +254,7 @@ def _profile(gen, ids, output_len: int, device, info: dict) -> dict:
             "decode_steps": steps, "output_len": output_len,
             "calls": [c.as_list() for c in comm.log],
             "comm_by_op": {k: vars(v) for k, v in comm.by_op.items()},
+            "comm_timing": comm.method, "comm_timing_error": comm.timing_error,
             "busy_s": state.busy_s if state is not None else None}
 
 

@@ -129,6 +129,12 @@ def unfinished(cfg, world_size: int, run_id: str, status: str, error: str,
     return record
 
 
+UTIL_SOURCE = ("NVML utilization.gpu: the share of time at least one kernel was resident; an "
+               "NCCL kernel spin-waiting for a peer counts as busy, so pipeline bubbles and "
+               "tensor-parallel stragglers read as utilised. Not work, never ranked: the "
+               "pipeline's work figure is bubble_fraction.stage_busy_fraction")
+
+
 def _ms(seconds: list[float]) -> dict:
     return summarize([s * 1e3 for s in seconds])
 
@@ -170,9 +176,20 @@ def aggregate_metrics(ranks: list[dict], grid, micro_batches: int) -> tuple[dict
         metrics["peak_reserved_bytes"] = {"per_rank": reserved, "max": max(reserved)}
     else:
         reasons["metrics.peak_reserved_bytes"] = "only the CUDA caching allocator reserves memory"
+    device_used = [r.get("device_used_bytes") for r in ranks]
+    if all(v is not None for v in device_used):
+        metrics["device_memory_used_bytes"] = {
+            "per_rank": device_used, "max": max(device_used),
+            "source": "torch.cuda.mem_get_info (total - free) at the end of the timed region: "
+                      "the whole device, with NCCL's buffers, the CUDA context and any other "
+                      "process on the GPU, which max_memory_allocated does not see"}
+    else:
+        metrics["device_memory_used_bytes"] = None
+        reasons["metrics.device_memory_used_bytes"] = "device-level memory is read on CUDA only"
     util = [r["gpu_util_pct"] for r in ranks]
     if all(u is not None for u in util):
-        metrics["gpu_utilization_pct"] = {"mean": sum(util) / len(util), "per_rank": util}
+        metrics["gpu_utilization_pct"] = {"mean": sum(util) / len(util), "per_rank": util,
+                                          "kind": "kernel-resident", "source": UTIL_SOURCE}
     else:
         reasons["metrics.gpu_utilization_pct"] = next(
             r["gpu_util_reason"] for r in ranks if r["gpu_util_pct"] is None)
@@ -210,9 +227,11 @@ FIELD_TYPES = {
     "engine.backend": str, "engine.kernel_inject": bool, "engine.cuda_graph": bool,
     "engine.compile": str, "engine.threads_per_rank": int, "engine.step": str,
     "engine.launch": dict, "engine.launch.rows": int, "engine.launch.position": int,
+    "engine.comm_timeout_s": NUMBER, "engine.comm_timeout_reason": str,
     "engine.inductor": dict, "engine.inductor.mode": str, "engine.inductor.attention": str,
     "engine.inductor.tuning": str, "engine.inductor.freezing": bool,
     "metrics.compile": dict, "metrics.compile.decode_graph": dict,
+    "metrics.compile.cudagraph_skips": int,
     "metrics.compile.decode_graph.*": int,
     "metrics.decode_profile": dict, "metrics.decode_profile.verdict": str,
     **{f"metrics.decode_profile.{k}": NUMBER for k in (
@@ -228,6 +247,10 @@ FIELD_TYPES = {
     "metrics.peak_memory_bytes": dict, "metrics.peak_memory_bytes.per_rank": LIST_OF_NUMBERS,
     "metrics.peak_memory_bytes.max": NUMBER, "metrics.peak_memory_bytes.kind": str,
     "metrics.gpu_utilization_pct": dict, "metrics.gpu_utilization_pct.mean": NUMBER,
+    "metrics.gpu_utilization_pct.kind": str,
+    "metrics.device_memory_used_bytes": dict,
+    "metrics.device_memory_used_bytes.per_rank": LIST_OF_NUMBERS,
+    "metrics.device_memory_used_bytes.max": NUMBER,
     "metrics.bubble_fraction": dict, "metrics.bubble_fraction.measured": NUMBER,
     "metrics.bubble_fraction.theory": NUMBER,
     "metrics.roofline": dict, "metrics.roofline.fraction_of_peak": NUMBER,
@@ -235,6 +258,13 @@ FIELD_TYPES = {
     "metrics.time_breakdown": dict,
     **{f"metrics.time_breakdown.{part}": NUMBER for part in ("compute", "communication", "waiting")},
     "metrics.predicted": dict, "metrics.predicted.tpot_ms": NUMBER,
+    **{f"metrics.predicted.{k}": NUMBER for k in ("ttft_ms", "ttft_last_ms", "e2e_ms",
+                                                  "tokens_per_s")},
+    # gptbench/emulate.py: an emulated run (run_id emu-<id>)
+    "emulation": dict, "emulation.method": str, "emulation.device": str,
+    "emulation.latency_source": str, "emulation.roles": list, "emulation.of_run_id": str,
+    "emulation.scope": dict, "emulation.scope.in_scope": bool, "emulation.scope.reason": str,
+    "emulation.fits": dict, "emulation.fits.fits": bool,
     "metrics.model_memory_bytes": dict,
     **{f"metrics.model_memory_bytes.{part}": LIST_OF_NUMBERS for part in ("per_rank", "weights", "kv")},
     "workload.iterations": int, "workload.min_duration_s": NUMBER,
@@ -271,7 +301,34 @@ def value_at(record: dict, dotted_path: str):
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an int too large for a float is not one: OverflowError)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return abs(value) <= MAX_FIGURE if isinstance(value, int) else math.isfinite(value)
+
+
+# Plausibility: what a run can measure. Every figure the readers use is >= 0 and at most
+# MAX_FIGURE (1e15: more bytes than any machine holds, more tokens/s or ms than any run
+# sees); fractions are at most 1, percentages at most 100. A record beyond these is not
+# rendered as fact: the readers skip and name it like any other invalid record.
+MAX_FIGURE = 10 ** 15
+FRACTIONS = {"metrics.comm_fraction", "metrics.bubble_fraction.measured",
+             "metrics.bubble_fraction.theory", "parity.token_match_rate",
+             *(f"metrics.time_breakdown.{part}" for part in ("compute", "communication", "waiting"))}
+PERCENTAGES = {"metrics.gpu_utilization_pct.mean"}
+
+
+def _implausible(where: str, value, kind) -> str | None:
+    """Why a value of the right type cannot be a measured figure, or None."""
+    if kind not in (NUMBER, LIST_OF_NUMBERS, int) or value is None:
+        return None
+    high = 1 if where in FRACTIONS else 100 if where in PERCENTAGES else MAX_FIGURE
+    for v in (value if isinstance(value, list) else [value]):
+        if v is not None and not 0 <= v <= high:
+            shown = f"{v:g}" if abs(v) <= MAX_FIGURE * 1e3 else "a number of over 18 digits"
+            return (f"is {shown}, not a figure a run can measure (0..{high:g}): the record "
+                    "cannot be true")
+    return None
 
 
 def _type_problem(value, kind) -> str | None:
@@ -302,7 +359,7 @@ def check_fields(record: dict) -> None:
         else:
             found = [(path, value_at(record, path))]
         for where, value in found:
-            problem = _type_problem(value, kind)
+            problem = _type_problem(value, kind) or _implausible(where, value, kind)
             if problem:
                 raise ValueError(f"{where} {problem}")
     if record["status"] == "ok" and value_at(record, "metrics.throughput_tokens_per_s") is None:
@@ -315,6 +372,9 @@ def read_run(path) -> dict:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # an int of > 4300 digits; nesting too deep
+        why = (str(exc) or type(exc).__name__).splitlines()[0][:100]
+        raise ValueError(f"not valid JSON: {why}") from None
     schema = record.get("schema") if isinstance(record, dict) else None
     if schema != SCHEMA:
         raise ValueError(f"schema is {schema!r}, not {SCHEMA!r}")

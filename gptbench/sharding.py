@@ -261,9 +261,11 @@ class Layout:
                 "kv": kv, "source": "gptbench.sharding (weights + KV of the batch at "
                                     "input_len + output_len tokens, no activations)"}
 
-    def collectives(self) -> list[Collective]:
+    def collectives(self, tokens: int = 1) -> list[Collective]:
         """Communication of one decode step of this replica (DeepSpeed 0.19.8's call sites,
-        trackers/comm.py; counted on real runs in tests/test_breakdown.py)."""
+        trackers/comm.py; counted on real runs in tests/test_breakdown.py); of the prefill
+        with `tokens` = input_len (hidden states of every position; the logits stay one
+        position: logits_to_keep=1)."""
         model, m = self.model, self.micro_batches
         mb = self.batch_size // m
         out = []
@@ -271,7 +273,7 @@ class Layout:
             fullest = stage[0]
             if fullest.blocks:
                 out.append(Collective(
-                    "all_reduce", "tp", self.tp, mb * model.n_embd * self.dtype_bytes,
+                    "all_reduce", "tp", self.tp, mb * tokens * model.n_embd * self.dtype_bytes,
                     2 * fullest.blocks * m, "tick",
                     "attn.c_proj and mlp.c_proj outputs of every block", fullest.stage))
             if fullest.holds_head:
@@ -279,12 +281,12 @@ class Layout:
                     "all_reduce", "tp", self.tp, mb * model.vocab_size * self.dtype_bytes,
                     m, "tick", "lm_head logits (row-parallel)", fullest.stage))
         if self.pp > 1:
-            out += self._pipeline_collectives(mb)
+            out += self._pipeline_collectives(mb, tokens)
         return out
 
-    def _pipeline_collectives(self, mb: int) -> list[Collective]:
+    def _pipeline_collectives(self, mb: int, tokens: int = 1) -> list[Collective]:
         model, m, hops = self.model, self.micro_batches, (self.pp - 1) * self.micro_batches
-        hidden = mb * model.n_embd * self.dtype_bytes
+        hidden = mb * tokens * model.n_embd * self.dtype_bytes
         if self.schedule == "in_flight":
             return [Collective("p2p", "stage_pair", 2, hidden, hops, "hop",
                                "activations to the next stage"),

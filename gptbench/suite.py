@@ -38,8 +38,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from gptbench import faults, launcher, results
-from gptbench.config import override_pairs, read_yaml
+from gptbench import faults, launcher, limits, results
+from gptbench.config import override_pairs, read_yaml, set_pair
 from gptbench.errors import UserError
 
 SUITE_KEYS = {"title", "output_dir", "base", "set", "runs", "description", "hostfile", "isolate"}
@@ -75,12 +75,16 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
         if key not in data:
             raise UserError(f"{path}: missing suite key '{key}'")
     if not isinstance(data["base"], str):
-        raise UserError(f"{path}: base must be the path of a benchmark config, got {data['base']!r}")
+        raise UserError(f"{path}: base must be the path of a benchmark config, got "
+                        f"{limits.show(data['base'])}")
     base = os.path.join(os.path.dirname(path), data["base"])
     if not os.path.isfile(base):
         raise UserError(f"{path}: base config not found: {base}")
     command_line, out = _command_line(overrides, output_dir)
-    out = out or data.get("output_dir") or f"reports/{os.path.splitext(os.path.basename(path))[0]}"
+    if not out and data.get("output_dir") is not None:
+        out = limits.check_path(f"{path}: output_dir", data["output_dir"])
+    out = out or f"reports/{os.path.splitext(os.path.basename(path))[0]}"
+    limits.check_path("output_dir", out)
     common = _suite_pairs(data.get("set"), f"{path}: set")
     if not isinstance(data["runs"], list) or not data["runs"]:
         raise UserError(f"{path}: 'runs' must be a non-empty list")
@@ -96,26 +100,37 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
         bad = sorted(set(item) - RUN_KEYS)
         if bad:
             raise UserError(f"{where}: unknown key '{bad[0]}' (allowed: id, ranks, set)")
-        run_id = str(item["id"])
+        run_id = item["id"]
+        if limits.is_int(run_id) and run_id >= 0:
+            run_id = str(run_id)  # `id: 1` names run "1"
+        limits.check_run_id(f"{where}: id", run_id)
         if run_id in seen:
             raise UserError(f"{where}: duplicate id '{run_id}'")
         seen.add(run_id)
         ranks = item.get("ranks", slots or 1)
         if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
-            raise UserError(f"{where}: ranks must be a positive integer, got {ranks!r}")
+            raise UserError(f"{where}: ranks must be a positive integer, got {limits.show(ranks)}")
+        if not slots:
+            limits.check_local_ranks(f"{where}: ranks", ranks)
         if slots and ranks != slots:
             raise UserError(f"{where}: ranks={ranks}, but the suite's hostfile {hostfile} has "
                             f"{slots} slot(s): every run uses all of them")
         own = common + _suite_pairs(item.get("set"), where)
-        runs.append(SuiteRun(run_id, ranks, tuple(own + command_line + [f"output_dir={out}", f"run_id={run_id}"]),
+        names = [set_pair("output_dir", out), set_pair("run_id", run_id)]  # quoted if need be
+        runs.append(SuiteRun(run_id, ranks, tuple(own + command_line + names),
                              _replaced(own, command_line, run_id)))
-    if only:
+    if only is not None:
         only = [o.strip() for item in only for o in item.split(",") if o.strip()]
+        if not only:
+            raise UserError(f"--only: no run id given (runs: {', '.join(sorted(seen))})")
         missing = sorted(set(only) - seen)
         if missing:
             raise UserError(f"--only: no run '{missing[0]}' in {path} (runs: {', '.join(sorted(seen))})")
         runs = [r for r in runs if r.run_id in only]
-    return Suite(str(data.get("title") or os.path.basename(path)), out, base, tuple(runs),
+    title = data.get("title")
+    if title is not None and not isinstance(title, (str, int, float)):
+        raise UserError(f"{path}: title must be text, got {limits.show(title)}")
+    return Suite(str(title or os.path.basename(path)), out, base, tuple(runs),
                  hostfile, isolate)
 
 
@@ -124,7 +139,8 @@ def _hostfile(path: str, value) -> tuple[str | None, int | None]:
     if value is None:
         return None, None
     if not isinstance(value, str):
-        raise UserError(f"{path}: hostfile must be the path of a DeepSpeed hostfile, got {value!r}")
+        raise UserError(f"{path}: hostfile must be the path of a DeepSpeed hostfile, got "
+                        f"{limits.show(value)}")
     from gptbench.hostfile import read_hostfile
 
     hostfile = os.path.join(os.path.dirname(path), value)
@@ -185,7 +201,7 @@ def check(suite: Suite, path: str) -> None:
                         f"{', '.join(r.run_id for r in suite.runs)})")
     for r in suite.runs:
         try:
-            launcher.prepare(suite.base, list(r.overrides), r.ranks)
+            launcher.prepare(suite.base, list(r.overrides), r.ranks, on_hosts=bool(suite.hostfile))
         except UserError as e:
             raise UserError(f"{path}: run '{r.run_id}': {e}") from None
     if suite.hostfile:  # every host answers by ssh before the first run starts
@@ -300,6 +316,37 @@ def launch_groups(runs: list[SuiteRun], isolate: bool = False) -> list[list[Suit
         else:
             groups.append([r])
     return groups
+
+
+def emulate_suite(path: str, output_dir: str | None = None, only: list[str] | None = None,
+                  overrides: list[str] = (), comm_file: str | None = None,
+                  interconnect: str | None = None) -> int:
+    """`suite FILE --emulate`: every row emulated (gptbench/emulate.py) in one child process
+    (one role cache for all rows; a failed row is recorded and the rest still run), records
+    `emu-<id>` beside the suite's own (nothing is moved aside), then the report."""
+    import subprocess
+
+    from gptbench import emulate, predict
+
+    suite = load_suite(path, output_dir, only, overrides)
+    emulate.check_rows(suite, path)
+    predict.latency_from(comm_file, interconnect)  # bad input before the child starts
+    cmd = [sys.executable, "-m", "gptbench.emulate", "--suite", path,
+           "--output-dir", suite.output_dir]
+    cmd += [f"--only={o}" for o in only or []] + [f"--set={o}" for o in overrides]
+    cmd += [f"--comm-file={comm_file}"] if comm_file else []
+    cmd += [f"--interconnect={interconnect}"] if interconnect else []
+    code = subprocess.run(cmd).returncode
+    if code == 2:
+        return 2
+    from gptbench.report.render import render_report
+
+    written, skipped = render_report(suite.output_dir, title=suite.title)
+    for skipped_path, reason in skipped:
+        print(f"gptbench: skipped {skipped_path}: {reason}", file=sys.stderr)
+    print(f"gptbench: emulated rows in {suite.output_dir}/runs (emu-*); report: "
+          f"{written.get('report.html', suite.output_dir)}")
+    return 0 if code == 0 else 1
 
 
 def _line(record: dict) -> str:

@@ -62,9 +62,20 @@ def init_distributed(plan: RunPlan, rank: int, world: int, local_size: int) -> N
     # smaller than the world its results are silently wrong (docs/deepspeed-notes.md,
     # CPU all-reduce). Keep it off.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    timeout = _dt.timedelta(seconds=plan.cfg.engine.comm_timeout_s)
+    from gptbench.watchdog import for_plan
+
+    timeout = _dt.timedelta(seconds=for_plan(plan)[0])
     # Groups made later (tensor-parallel groups, DeepSpeed's pipeline groups) take torch's
     # default timeout (30 min), not the world's: a silent peer would hang them that long.
+    graphed_collectives = plan.compile_mode == "reduce-overhead" and plan.grid.tp > 1
+    if plan.device.type == "cuda" and plan.cfg.engine.profile_comm and not graphed_collectives:
+        # NCCL records start/end events per collective only when told before its groups
+        # exist: the profiled batch reads each collective's kernel time from them
+        # (trackers/comm.py), instead of syncing around every call. Not where all-reduces
+        # are captured in CUDA graphs (compiled tensor parallel): whether NCCL's timing
+        # events are legal inside a capture is unverified, so such a row's breakdown is
+        # null with the reason rather than a capture put at risk.
+        os.environ.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
     from torch.distributed import distributed_c10d
     distributed_c10d.default_pg_timeout = timeout
     distributed_c10d.default_pg_nccl_timeout = timeout
@@ -158,7 +169,10 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
     from gptbench import runner
     from gptbench.compiled import WARMUP_CALLS, snapshot
 
+    from torch._dynamo.utils import counters
+
     start = snapshot()
+    skips = counters["inductor"]["cudagraph_skips"]  # graphs inductor left uncaptured
     wall = time.perf_counter()
     if plan.compile_mode != "off":
         progress.phase("compiling")
@@ -172,7 +186,8 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
     stats = CompileStats.since(start)
     return {"mode": plan.compile_mode, "compile_s": stats.compile_s,
             "warmup_wall_s": time.perf_counter() - wall, "graph_breaks": stats.graph_breaks,
-            "graphs": stats.graphs, "_after": snapshot()}
+            "graphs": stats.graphs, "_after": snapshot(),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
 
 
 def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float,
@@ -195,6 +210,9 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float,
     record["engine"]["shm_allreduce"] = any(r["shm_allreduce"] for r in ranks)
     record["engine"]["deepspeed_config"] = info.get("deepspeed_config")
     record["engine"]["compile"] = plan.compile_mode
+    from gptbench.watchdog import for_plan
+
+    record["engine"]["comm_timeout_s"], record["engine"]["comm_timeout_reason"] = for_plan(plan)
     options = inductor_options(plan)
     record["engine"]["inductor"] = options.as_record() if options is not None else None
     # whose decode step ran: gptbench's (gptbench/step.py) or Hugging Face's forward
@@ -234,6 +252,8 @@ def compile_metrics(ranks: list[dict], mode: str, reasons: dict) -> dict:
             "compile": {"warmup_wall_s": max(x["warmup_wall_s"] for x in c),
                         "graphs": max(x["graphs"] for x in c),
                         "graphs_while_measuring": max(x["graphs_while_measuring"] for x in c),
+                        # reduce-overhead graphs inductor ran without CUDA graphs (it logs why)
+                        "cudagraph_skips": max(x.get("cudagraph_skips", 0) for x in c),
                         # the decode graph of each rank role (ranks of one role compile the
                         # same graph): the most inputs, copies and launches any rank has
                         "decode_graph": _worst_graph([x.get("decode_graph") for x in c])}}
@@ -393,6 +413,9 @@ def teardown() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Before anything starts CUDA: a direct `deepspeed` launch has not had gptbench's
+    # launcher set it (launcher.RANK_ENV_DEFAULTS says why)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     multinode.die_with_launcher()
     rank, world, local_rank, local_size = dist_env()
     try:

@@ -173,13 +173,13 @@ def test_a_gate_that_compared_nothing_is_exit_2(suites):
         for path in (side / "runs").glob("*pu-*.json"):
             def cpu(record):
                 if record["metrics"]:
-                    record["metrics"]["gpu_utilization_pct"] = None
-                record["null_reasons"]["metrics.gpu_utilization_pct"] = "no GPU on this rank (cpu)"
+                    record["metrics"]["roofline"] = None
+                record["null_reasons"]["metrics.roofline"] = "this CPU: no known peak memory bandwidth"
             edit_run(side, path.stem, cpu)
-    text, exit_code = compare(base, candidate, parse_fail_on("gpu_utilization_pct:5"))
+    text, exit_code = compare(base, candidate, parse_fail_on("roofline:5"))
     assert exit_code == 2
-    assert ("--fail-on gpu_utilization_pct.mean (null in base: no GPU on this rank (cpu)) compared nothing"
-            in text)
+    assert ("--fail-on roofline.fraction_of_peak (null in base: this CPU: no known peak memory "
+            "bandwidth) compared nothing" in text)
     assert compare(base, candidate, parse_fail_on("throughput_tokens_per_s:5,bubble_fraction:5"))[1] == 0
 
 
@@ -223,6 +223,15 @@ def test_the_command_takes_several_gates_and_allow_missing(suites, capsys):
                      "--allow-missing"]) == 0
     assert cli.main(["compare", str(base), str(candidate), "--fail-on", "compile_s:5"]) == 2
     assert "compile_s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["gpu_utilization_pct:5", "gpu_utilization_pct.mean:1"])
+def test_gpu_utilisation_never_gates_higher_is_not_better(suites, spec):
+    """NVML's utilisation counts an NCCL kernel spin-waiting for a peer as busy: a pipeline
+    with bubbles or a straggling tensor rank reads higher, so it must not rank runs."""
+    base, candidate = suites
+    with pytest.raises(UserError, match="kernel-resident.*ranks nothing"):
+        compare(base, candidate, parse_fail_on(spec))
 
 
 # ---- gates that know noise: intervals and Mann-Whitney on per-batch figures ----------------

@@ -93,3 +93,33 @@ def test_stage_probe_runs_interleaved_micro_batches_on_cpu():
     assert out["token_match_rate"] == 1.0
     assert out["eager"]["decode_step_ms"] > 0 and out["compiled"]["graphs"] == 0
     assert "stage probe (tiny preset" in gpucheck.format_stage_probe({**out, "status": "ok"})
+
+
+def test_script_runs_the_proofs_bounded_then_the_rows_with_the_rest_of_the_budget(tmp_path):
+    """The script's one call past its GPU checks, on this CPU machine: a stand-in
+    nvidia-smi and a Python that claims CUDA only for the script's own check. The proofs run
+    (CPU variants, or skipped with their reasons) within their budget and are written;
+    then gpucheck starts with the rows' share (and, having no GPU, exits 1)."""
+    import json
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
+    check = "import torch, sys; sys.exit(not torch.cuda.is_available())"
+    (bin_dir / "py").write_text(
+        f"#!/bin/bash\nif [ \"$1\" = -c ] && [ \"$2\" = '{check}' ]; then exit 0; fi\n"
+        f"exec {sys.executable} \"$@\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "py"),
+           "GPU_CHECK_OUT": str(tmp_path / "out"), "GPU_PROOF_BUDGET_S": "20",
+           "GPTBENCH_SITE": str(tmp_path / "site")}
+    out = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=env)
+    proofs = json.loads((tmp_path / "out" / "proofs.json").read_text())
+    from gptbench.gpuproofs import PROOFS
+
+    assert [p["name"] for p in proofs["proofs"]] == list(PROOFS)
+    assert proofs["budget_s"] == 20 and all(p["wall_s"] < 40 for p in proofs["proofs"])
+    assert out.returncode == 1 and "torch sees no CUDA device" in out.stderr, out.stderr[-800:]

@@ -41,7 +41,7 @@ def readme_targets() -> list[str]:
 
 
 # GPUs each GPU target needs on this machine (suite-gpu.yaml: rows of 1, 2 and 4 ranks).
-GPUS_NEEDED = {"bench-1gpu": 1, "bench-all": 4,
+GPUS_NEEDED = {"bench-1gpu": 1, "bench-all": 4, "bench-emulate": 1,
                **{f"bench-{n}gpu-{s}": n for n in (2, 4) for s in ("dp", "tp", "pp", "full")}}
 
 

@@ -436,6 +436,16 @@ def test_latency_axes_fit_their_bars(tmp_path):
     assert tpot_ax.get_yscale() == "log" and tpot_ax.get_ylim()[1] >= slow["metrics"]["tpot_ms"]["p99"]
 
 
+def test_utilisation_is_labelled_kernel_resident_beside_the_stages_work(rendered):
+    from gptbench.report.render import util_text
+
+    suite_dir, _ = rendered
+    assert "GPU kernel-resident (not work)" in (suite_dir / "report.md").read_text()
+    assert "GPU kernel-resident (not work)" in (suite_dir / "report.html").read_text()
+    assert util_text(97.0, [0.5, None, 0.7]) == "97.0% · stage busy 60%"
+    assert util_text(None, None) == "—"
+
+
 # ---- intervals, validity and energy --------------------------------------------------------
 
 def with_interval(low, high):

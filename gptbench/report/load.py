@@ -13,8 +13,12 @@ STRATEGY_ORDER = ("pure_data_parallel", "tensor_data_hybrid", "pipeline_data_hyb
 
 def load_runs(suite_dir) -> tuple[list[dict], list[tuple[Path, str]]]:
     """(records with derived figures, sorted by run_order; [(path, reason)] of skipped files)."""
+    from gptbench.report.emulated import split
+
     records, skipped = results.load_runs(suite_dir)
-    return sorted(scaling.derive(records), key=run_order), skipped
+    measured, emulated = split(records)  # emulated rows take no part in speedups
+    return (sorted(scaling.derive(measured), key=run_order)
+            + sorted(emulated, key=run_order)), skipped
 
 
 def run_order(record: dict) -> tuple:

@@ -57,8 +57,11 @@ def render_report(suite_dir, title: str | None = None) -> tuple[dict[str, Path],
     """Render suite_dir/runs/*.json into suite_dir: ({file name: path} of what was written,
     [(path, reason)] of the files in runs/ that were skipped, also listed in the report)."""
     suite_dir = Path(suite_dir)
+    from gptbench.report import emulated
+
     records, skipped = load_runs(suite_dir)
     written = {"summary.csv": write_summary_csv(records, suite_dir / "summary.csv")}
+    records, emulated_records = emulated.split(records)
     pngs = chart_pngs(records)
     for file_name in CHARTS:
         path = suite_dir / file_name
@@ -69,12 +72,33 @@ def render_report(suite_dir, title: str | None = None) -> tuple[dict[str, Path],
             # Left by an earlier render whose data is gone; the report no longer shows it.
             path.unlink(missing_ok=True)
     context = report_context(records, skipped, pngs, title or f"gptbench report: {suite_dir.resolve().name}")
+    context.update(emulated_context(emulated_records, suite_dir, written))
     templates = template_environment()
     for file_name in ("report.md", "report.html"):
         path = suite_dir / file_name
         write_atomic(path, templates.get_template(f"{file_name}.j2").render(context).encode("utf-8"))
         written[file_name] = path
     return written, skipped
+
+
+def emulated_context(records: list[dict], suite_dir: Path, written: dict) -> dict:
+    """The emulated rows' table and chart (gptbench/report/emulated.py), written apart."""
+    from gptbench.report import emulated
+
+    path = suite_dir / emulated.CHART_FILE
+    figure = emulated.chart(records)
+    chart = None
+    if figure is None:
+        path.unlink(missing_ok=True)
+    else:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+        write_atomic(path, buffer.getvalue())
+        written[emulated.CHART_FILE] = path
+        chart = {"file": emulated.CHART_FILE, "caption": emulated.CHART_CAPTION,
+                 "data_uri": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")}
+    return {"emulated_intro": emulated.INTRO, "emulated_rows": emulated.rows(records),
+            "emulated_chart": chart}
 
 
 def write_summary_csv(records: list[dict], path: Path) -> Path:
@@ -204,7 +228,8 @@ def table_row(record: dict) -> dict:
         "watts": fmt(at("metrics.energy.average_watts"), ".1f"),
         "j_per_token": fmt(at("metrics.energy.joules_per_token"), ".3g"),
         "e2e_mean_ms": fmt(at("metrics.e2e_ms.mean"), ".1f"),
-        "gpu_util": fmt(at("metrics.gpu_utilization_pct.mean"), ".1f", "%"),
+        "gpu_util": util_text(at("metrics.gpu_utilization_pct.mean"),
+                              at("metrics.bubble_fraction.stage_busy_fraction")),
         "ttft_p50_ms": fmt(at("metrics.ttft_ms.p50"), ".1f") + plus_minus(at("metrics.intervals.ttft_ms_p50"), ".1f"),
         "ttft_p99_ms": fmt(at("metrics.ttft_ms.p99"), ".1f"),
         "tpot_p50_ms": fmt(at("metrics.tpot_ms.p50"), ".1f") + plus_minus(at("metrics.intervals.tpot_ms_p50"), ".2f"),
@@ -220,6 +245,15 @@ def table_row(record: dict) -> dict:
         "roofline": fmt(at("metrics.roofline.fraction_of_peak"), ".1%"),
         "parity": parity_text(record.get("parity")),
     }
+
+
+def util_text(kernel_resident_pct, stage_busy) -> str:
+    """NVML's kernel-resident share, and for pipelines the stages' busy share (the work)."""
+    text = fmt(kernel_resident_pct, ".1f", "%")
+    busy = [b for b in stage_busy or [] if b is not None]
+    if busy:
+        text += f" · stage busy {sum(busy) / len(busy):.0%}"
+    return text
 
 
 def fmt(value, spec: str, suffix: str = "") -> str:
