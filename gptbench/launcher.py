@@ -298,7 +298,7 @@ def run_rows(config_path: str | None, rows: list[Row], ranks: int, env: dict | N
     while pending:
         batch, after = [], {}  # after: run_id -> the not-applicable rows that follow it
         for row in pending:
-            p = prepare(config_path, list(row.overrides), ranks)
+            p = prepare(config_path, list(row.overrides), ranks, on_hosts=layout is not None)
             if p.not_applicable and batch:  # the rows around it still share a launch
                 after.setdefault(batch[-1][0].run_id, []).append((row, p))
             elif p.not_applicable:
