@@ -13,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # One row of the GPU suite each: bench-2gpu-dp ... bench-4gpu-full (suite ids 2gpu-dp ...).
 GPU_ROWS := $(foreach n,2 4,$(foreach s,dp tp pp full,bench-$(n)gpu-$(s)))
 
-.PHONY: install test test-multinode demo report bench-cpu bench-1gpu bench-all gpu-check gpu-wheels diagnose clean \
+.PHONY: install lint test test-multinode demo report bench-cpu bench-1gpu bench-all gpu-check gpu-wheels diagnose clean \
         bench-emulate bench-emulate-cpu \
         $(GPU_ROWS)
 
@@ -31,7 +31,11 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	$(PIP) install -c constraints.txt -e ".[test]"
 	@touch $@
 
-test: install
+# pyflakes, import order, bugbear and syntax errors (pyproject.toml's [tool.ruff]).
+lint: install
+	$(PY) -m ruff check gptbench tests launch
+
+test: lint
 	$(PY) -m pytest -q --durations=15 tests
 
 # DeepSpeed's multi-node launcher on two loopback "hosts" of this machine (its own sshd on
