@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 from gptbench.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: the functions import torch, so this module loads without it
+    import torch
 
 PROMPT_KEYS = ("prompt", "text")
 
