@@ -172,7 +172,7 @@ def expected_calls_per_rank(record):
         stage, last = rank // (t["dp"] * t["tp"]), t["pp"] - 1
         calls = {}
 
-        def add(op, n):
+        def add(op, n, calls=calls):
             calls[op] = calls.get(op, 0) + n
 
         for c in lay.collectives():

@@ -88,7 +88,7 @@ def test_every_record_has_the_run_id_gptbench_run_derives(launches, name):
 
 def test_pipelines_with_more_micro_batches_than_the_old_probe_run(launches):
     """m=4 with the default probe: one whole batch (4 sequences), one per micro-batch."""
-    for name, ranks, run_id in (("two-a", 2, "2r-pp-tp1-pp2"), ("four", 4, "4r-pp-tp1-pp4")):
+    for name, _ranks, run_id in (("two-a", 2, "2r-pp-tp1-pp2"), ("four", 4, "4r-pp-tp1-pp4")):
         record = results.read_record(results.run_path(str(launches[name][0]), run_id))
         assert record["topology"]["micro_batches"] == 4
         assert record["parity"]["samples"] == 4 and record["parity"]["tokens_match"]

@@ -84,7 +84,7 @@ def test_watch_shows_each_phase_once_on_a_plain_stream(tmp_path, monkeypatch):
         progress.start("2r-tp", enabled=True)
         for name in ("loading the model", "warm-up"):
             progress.phase(name)
-            wait_until(lambda: name in stream.getvalue())
+            wait_until(lambda name=name: name in stream.getvalue())
         progress.phase("timed iterations", 0, 2, "iteration 1/1, batch 1/2")
         wait_until(lambda: "batch 1/2" in stream.getvalue())
         progress.phase("timed iterations", 1, 2, "iteration 1/1, batch 2/2")
