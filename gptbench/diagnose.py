@@ -19,7 +19,7 @@ import shutil
 import pynvml
 import torch
 
-from gptbench.envinfo import package_version, nccl_version
+from gptbench.envinfo import nccl_version, package_version
 from gptbench.errors import UserError
 from gptbench.trackers.gpu_util import no_nvml_reason, nvml_handle, physical_gpu_id
 

@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-
 from dataclasses import dataclass
 
 import torch

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gptbench import topology
 from gptbench.config import RunConfig
 from gptbench.errors import UserError
-from gptbench import topology
 from gptbench.topology import Grid, check_against_model, make_grid, micro_batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
