@@ -13,8 +13,13 @@ import pytest
 
 from gptbench import hostcheck, multinode
 from gptbench.errors import UserError
-from gptbench.hostfile import (DEFAULT_MASTER_PORT, ephemeral_low, load_layout, non_loopback,
-                               read_hostfile)
+from gptbench.hostfile import (
+    DEFAULT_MASTER_PORT,
+    ephemeral_low,
+    load_layout,
+    non_loopback,
+    read_hostfile,
+)
 from gptbench.report.render import grid_text
 from gptbench.suite import load_suite
 

@@ -2,14 +2,26 @@
 import pytest
 import torch
 
-from gptbench.errors import UserError
 from gptbench import sharding
+from gptbench.errors import UserError
+from gptbench.roofline import (
+    DEVICES,
+    ModelDims,
+    bubble_theory,
+    custom_device,
+    decode_step_bound_s,
+    dtype_bytes,
+    gpt2_params,
+    kv_bytes_per_token,
+    layout_bound_s,
+    match_device,
+    non_embedding_params,
+    predict_tpot,
+    prefill_flops,
+    roofline_block,
+    token_time_s,
+)
 from gptbench.sharding import mean_decode_context
-from gptbench.roofline import (DEVICES, ModelDims, bubble_theory, custom_device,
-                               decode_step_bound_s, dtype_bytes, gpt2_params,
-                               kv_bytes_per_token, layout_bound_s, match_device,
-                               non_embedding_params, predict_tpot,
-                               prefill_flops, roofline_block, token_time_s)
 
 XL_SIZES = dict(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, n_positions=1024)
 XL = ModelDims(**XL_SIZES, params=1_557_611_200)

@@ -229,10 +229,10 @@ def test_shm_allreduce_stays_off(records):
 
 def test_stock_autotp_still_refuses_gpt2():
     """When this fails, DeepSpeed accepts GPT-2 in AutoTP: the workaround in autotp.py may go."""
+    import torch
     from deepspeed.module_inject.auto_tp import AutoTP
 
     from gptbench.models import load_model
-    import torch
 
     model = load_model("tiny", "random", "tiny", torch.float32, torch.device("cpu"))
     assert AutoTP.supported(model) is False

@@ -2,8 +2,7 @@
 import itertools
 
 import pytest
-from deepspeed.runtime.pipe.topology import (PipeDataParallelTopology,
-                                             PipeModelDataParallelTopology)
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
 
 from gptbench import autotp
 from gptbench.errors import NotApplicable, UserError

@@ -11,8 +11,12 @@ import torch.distributed
 
 from gptbench.errors import UserError
 from gptbench.trackers.comm import DEFAULT_TARGETS, CommTracker
-from gptbench.trackers.gpu_util import (GpuUtilSampler, nvml_gpu_count, physical_gpu_id,
-                                        visible_gpu_ids)
+from gptbench.trackers.gpu_util import (
+    GpuUtilSampler,
+    nvml_gpu_count,
+    physical_gpu_id,
+    visible_gpu_ids,
+)
 from gptbench.trackers.memory import MemoryTracker
 from gptbench.trackers.timing import Timer
 
