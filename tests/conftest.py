@@ -1,10 +1,24 @@
-"""Shared test setup: offline Hugging Face and the tiny random GPT-2."""
+"""Shared test setup: offline Hugging Face, the checkout's paths and the tiny random GPT-2."""
 import os
 
 import pytest
 import torch
 
+import paths
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def root() -> str:
+    """The checkout's top folder (the one with setup.cfg)."""
+    return paths.ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_cpu() -> str:
+    """deepspeed_configs/tiny-cpu.yaml: the 4-layer random GPT-2 on CPU."""
+    return paths.TINY_CPU
 
 
 @pytest.fixture(scope="session")

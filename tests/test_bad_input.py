@@ -15,10 +15,9 @@ import pytest
 
 from gptbench import cli, launcher
 from gptbench.errors import UserError
+from paths import CONFIGS, FIXTURES, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "deepspeed_configs")
-FIXTURE_SUITE = os.path.join(ROOT, "tests", "fixtures", "suite")
+FIXTURE_SUITE = os.path.join(FIXTURES, "suite")
 GOOD_SAMPLES = "\n".join(json.dumps({"input_ids": list(range(i, i + 32))}) for i in range(8))
 
 SUITE = """\

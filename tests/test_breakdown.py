@@ -2,13 +2,13 @@
 real multi-process runs: it sums to 1 on every rank, the pipeline bubble is the waiting
 share beside its theory, the collectives counted per decode step are the sharding
 model's, the shards are DeepSpeed's, and every record carries `predicted`."""
-import os
 
 import pytest
 
 from gptbench import sharding
 from gptbench.plan import model_dims
 from gptbench.trackers.breakdown import split_calls, time_breakdown
+from paths import TINY_CPU as CONFIG
 from sweeps import run_sweeps
 
 
@@ -95,8 +95,6 @@ def test_clocks_of_two_hosts_are_aligned_at_the_barrier():
 
 # ---- real runs --------------------------------------------------------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
 RUNS = {  # id: (ranks, overrides)
     "dp2": (2, {"strategy": "dp"}),
     "tp2": (2, {"strategy": "tp", "topology.tp": 2}),

@@ -8,9 +8,10 @@ import pytest
 
 from gptbench.compare import compare, parse_fail_on
 from gptbench.errors import UserError
+from paths import FIXTURES
 from records import edit_run
 
-FIXTURE_SUITE = Path(__file__).parent / "fixtures" / "suite"
+FIXTURE_SUITE = Path(FIXTURES) / "suite"
 THROUGHPUT_GATE = [("throughput_tokens_per_s", 5.0)]
 
 

@@ -10,8 +10,8 @@ from gptbench.config import load_config
 from gptbench.errors import UserError
 from gptbench.runplan import resolve
 from gptbench.strategies.base import StepLM
+from paths import TINY_CPU as TINY
 
-TINY = "deepspeed_configs/tiny-cpu.yaml"
 T, N = 32, 8  # tiny-cpu.yaml's input_len and output_len: shapes the demo compiles too
 
 

@@ -7,8 +7,7 @@ import pytest
 
 from gptbench.config import RunConfig, load_config, parse_overrides
 from gptbench.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import CONFIGS
 
 
 def write(tmp_path, text: str, name: str = "bench.yaml") -> str:
@@ -234,8 +233,8 @@ def test_set_without_key_value(pair):
 
 # ---- shipped configs --------------------------------------------------------------------
 
-def test_tiny_cpu_yaml_loads_and_runs_any_strategy():
-    path = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
+def test_tiny_cpu_yaml_loads_and_runs_any_strategy(tiny_cpu):
+    path = tiny_cpu
     cfg = load_config(path, [])
     assert (cfg.model.preset, cfg.model.weights, cfg.engine.device) == ("tiny", "random", "cpu")
     assert cfg.workload.dtype == "float32"
@@ -244,7 +243,7 @@ def test_tiny_cpu_yaml_loads_and_runs_any_strategy():
 
 
 def test_gpt2_xl_gpu_yaml_loads():
-    cfg = load_config(os.path.join(ROOT, "deepspeed_configs", "gpt2-xl-gpu.yaml"), [])
+    cfg = load_config(os.path.join(CONFIGS, "gpt2-xl-gpu.yaml"), [])
     assert (cfg.model.name, cfg.model.weights) == ("gpt2-xl", "pretrained")
     assert (cfg.workload.dtype, cfg.engine.device) == ("float16", "cuda")
     w = cfg.workload

@@ -5,9 +5,7 @@ import os
 import pytest
 
 from gptbench import democheck, results
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
+from paths import TINY_CPU as BASE
 
 
 @pytest.fixture
@@ -51,8 +49,8 @@ def test_each_kind_of_problem_fails_the_check(suite, capsys, dp_status, passed, 
     assert needle in capsys.readouterr().err
 
 
-def test_ci_runs_the_demo_and_its_check_after_the_tests():
-    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+def test_ci_runs_the_demo_and_its_check_after_the_tests(root):
+    with open(os.path.join(root, ".ci", "run"), encoding="utf-8") as f:
         steps = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     order = [next(i for i, s in enumerate(steps) if s.startswith(prefix))
              for prefix in ("make test", "make demo", ".venv/bin/python -m gptbench.democheck")]

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import deepspeed
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from gptbench.diagnose import diagnose
 from gptbench.trackers.gpu_util import nvml_gpu_count
+from paths import ROOT
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or nvml_gpu_count() > 0,
@@ -43,17 +43,16 @@ def test_gpus_hidden_from_torch_are_a_problem_with_exit_1():
          "import sys; from gptbench.diagnose import diagnose; "
          "text, code = diagnose(); print(text); sys.exit(code)"],
         env=env, capture_output=True, text=True, timeout=120,
-        cwd=Path(__file__).resolve().parents[1])
+        cwd=ROOT)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "torch.cuda.is_available() is False" in result.stdout
 
 
 def test_comm_measures_this_backend_and_plan_reads_it(tmp_path):
     out = tmp_path / "comm.json"
-    root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-m", "gptbench.cli", "diagnose", "--comm",
                              "--comm-ranks", "2", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600, cwd=root)
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     import json
 
@@ -77,6 +76,6 @@ def test_comm_bad_ranks_is_one_line_exit_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gptbench.cli", "diagnose", "--comm",
                              "--comm-ranks", "1", "--out", str(tmp_path / "c.json")],
                             capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=ROOT)
     assert result.returncode == 2 and "--comm-ranks" in result.stderr
     assert "Traceback" not in result.stderr

@@ -19,9 +19,9 @@ import yaml
 from gptbench import launcher, results
 from gptbench.config import load_config
 from gptbench.runplan import run_id_for
+from paths import ROOT
+from paths import TINY_CPU as CONFIG
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
 COMMON = ["workload.output_len=4", "workload.num_samples=4", "workload.iterations=1",
           "workload.warmup=0", "engine.profile_comm=false", "engine.comm_timeout_s=60"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}

@@ -3,7 +3,9 @@ with the section it names, and nothing cites a design file the repository does n
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import ROOT as REPO
+
+ROOT = Path(REPO)
 SOURCES = sorted(p for folder in ("gptbench", "tests", "launch") for p in (ROOT / folder).rglob("*.py"))
 # "docs/deepspeed-notes.md" optionally followed by ", <Section name>" (possibly after "#  ").
 CITATION = re.compile(r"(docs/[\w-]+\.md)(?:,\s*(?:#\s*)?([A-Z][\w\- ]*[\w-]))?")

@@ -17,10 +17,10 @@ import yaml
 from gptbench import emulate, interconnect, predict, results, sharding
 from gptbench.roofline import ModelDims
 from gptbench.topology import make_grid
+from paths import ROOT
+from paths import TINY_CPU as CONFIG
 from sweeps import run_sweeps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
 PY = sys.executable
 ENV = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
 SCHEDULE = "topology.pipeline_schedule"

@@ -16,9 +16,8 @@ import psutil
 import pytest
 
 from gptbench import launcher, results
+from paths import TINY_CPU as CONFIG
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
 COMM_TIMEOUT_S = 15
 TIMEOUT_S = 120
 END_BOUND_S = 100  # a fault must end the run well before timeout_s stops it

@@ -7,8 +7,7 @@ import subprocess
 import pytest
 
 from gptbench import gpucheck
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ROOT
 
 
 def row_named(name):

@@ -22,9 +22,8 @@ from gptbench.hostfile import (
 )
 from gptbench.report.render import grid_text
 from gptbench.suite import load_suite
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
+from paths import ROOT
+from paths import TINY_CPU as CONFIG
 
 
 def write(path, text: str) -> str:

@@ -4,8 +4,7 @@ import subprocess
 import sys
 
 from gptbench import launcher
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ROOT
 
 
 def test_ranks_number_gpus_by_pci_bus_unless_told_otherwise():

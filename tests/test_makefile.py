@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ROOT
+
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 # The venv running these tests, if `make install` made it (its stamp): make then installs
 # nothing and runs the target with this Python.

@@ -1,6 +1,5 @@
 """Loading GPT-2: in the run's dtype from the start, and model names that cannot be
 loaded refused before any rank starts, saying what to do."""
-import os
 
 import pytest
 import torch
@@ -9,9 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gptbench import launcher
 from gptbench.errors import UserError
 from gptbench.models import PRESETS, check_checkpoint, load_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
+from paths import TINY_CPU as CONFIG
 
 
 class Fp32Allocations(TorchDispatchMode):

@@ -20,14 +20,14 @@ import pytest
 
 from gptbench.hostfile import non_loopback
 from gptbench.topology import Grid
+from paths import ROOT
+from paths import TINY_CPU as CONFIG
 
 HOSTFILE = os.environ.get("GPTBENCH_MULTINODE_HOSTFILE")
 if not HOSTFILE:
     pytest.skip("needs the two loopback hosts that `make test-multinode` starts",
                 allow_module_level=True)
 SSHD_PID = int(os.environ["GPTBENCH_MULTINODE_SSHD_PID"])
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
 HOSTS = ["127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.2"]  # rank -> host, node by node
 SMALL = {"workload.output_len": 4, "workload.num_samples": 4, "workload.iterations": 1,
          "workload.warmup": 0, "engine.profile_comm": False}

@@ -10,8 +10,8 @@ import torch
 
 from gptbench import progress, runner
 from gptbench.strategies.base import Step
+from paths import ROOT, TINY_CPU
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("loading the model", "sharding", "compiling", "parity probe", "warm-up", "timed iterations",
           "profiling one batch", "gathering results")
 
@@ -116,7 +116,7 @@ def test_gptbench_run_shows_the_phases_of_the_output_rank(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GPTBENCH_FAULT"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
-        [sys.executable, "-m", "gptbench.cli", "run", "--config", os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml"),
+        [sys.executable, "-m", "gptbench.cli", "run", "--config", TINY_CPU,
          "--set", f"output_dir={tmp_path}", "--set", "workload.output_len=16"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,10 +16,10 @@ import pytest
 from gptbench import launcher, rankwatch
 from gptbench.config import load_config
 from gptbench.rankwatch import RankWatch, signal_of_exit_code, watchdog_timeout
+from paths import FIXTURES
+from paths import TINY_CPU as CONFIG
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "nccl_watchdog_timeout.log")
+FIXTURE = os.path.join(FIXTURES, "nccl_watchdog_timeout.log")
 # The rank-0 line of a timed-out tensor-parallel all-reduce in a subgroup (PG ID 2): the
 # global rank comes from c10's "[rank3]:" prefix, not from the group rank.
 SUBGROUP = ("[rank3]:[E1128 04:53:09.417702118 ProcessGroupNCCL.cpp:685] [PG ID 2 PG GUID 5(undefined) "

@@ -13,9 +13,10 @@ from gptbench.errors import UserError
 from gptbench.report import charts, findings
 from gptbench.report.load import load_runs
 from gptbench.report.render import SUMMARY_COLUMNS, render_report
+from paths import FIXTURES
 from records import edit_run as edit
 
-FIXTURE_SUITE = Path(__file__).parent / "fixtures" / "suite"
+FIXTURE_SUITE = Path(FIXTURES) / "suite"
 TITLE = "Fixture suite (hand-written test data)"
 # Sorted by (world_size, strategy dp, tp, pp, full, run_id).
 ALL_RUN_IDS = ["1gpu-dp1", "2gpu-dp2", "2gpu-tp2", "2gpu-pp2", "2gpu-full",

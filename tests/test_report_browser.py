@@ -10,8 +10,9 @@ import pytest
 
 from gptbench.report import charts
 from gptbench.report.render import render_report
+from paths import FIXTURES
 
-FIXTURE_SUITE = Path(__file__).parent / "fixtures" / "suite"
+FIXTURE_SUITE = Path(FIXTURES) / "suite"
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 RECOMMENDATION_RGB = (240, 246, 255)  # the recommendation box's background (#f0f6ff)

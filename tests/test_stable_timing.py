@@ -18,9 +18,9 @@ import torch
 from gptbench import results, scaling
 from gptbench.measure import ContinueRule
 from gptbench.report.render import render_report
+from paths import CONFIGS, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu-timed.yaml")
+CONFIG = os.path.join(CONFIGS, "tiny-cpu-timed.yaml")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
 CPU = torch.device("cpu")
 

@@ -11,11 +11,10 @@ import os
 import pytest
 import yaml
 
+from paths import TINY_CPU as CONFIG
 from sweeps import run_sweeps
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
 FP32_BOUND = 1e-4
 BF16_RELATIVE = 2.0 ** -5  # of max |logit|: bf16 keeps 8 bits of mantissa (parity.py)
 

@@ -17,7 +17,8 @@ import time
 import psutil
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ROOT, TINY_CPU
+
 RUN_IDS = ("1r-dp", "2r-tp", "2r-full")
 SUITE = """\
 title: reliability suite
@@ -114,7 +115,7 @@ def _stamps(work) -> dict:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("suite")
-    text = open(os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml"), encoding="utf-8").read()
+    text = open(TINY_CPU, encoding="utf-8").read()
     (work / "tiny.yaml").write_text(text, encoding="utf-8")
     (work / "suite.yaml").write_text(SUITE, encoding="utf-8")
     return work

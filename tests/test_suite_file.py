@@ -1,7 +1,6 @@
 """A suite file's precedence: base YAML < suite `set:` < row `set:` < `--set`; output_dir and
 run_id come from where the user named them. Nothing here starts a rank."""
 import json
-import os
 import shutil
 
 import pytest
@@ -10,8 +9,8 @@ from gptbench import cli
 from gptbench.config import load_config
 from gptbench.errors import UserError
 from gptbench.suite import load_suite
+from paths import TINY_CPU
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = """\
 title: precedence
 output_dir: out
@@ -25,7 +24,7 @@ runs:
 
 @pytest.fixture
 def suite_file(tmp_path):
-    shutil.copy(os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml"), tmp_path / "tiny.yaml")
+    shutil.copy(TINY_CPU, tmp_path / "tiny.yaml")
     (tmp_path / "suite.yaml").write_text(SUITE, encoding="utf-8")
     return str(tmp_path / "suite.yaml")
 

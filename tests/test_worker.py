@@ -1,13 +1,10 @@
 """What a failing rank writes: one line a user can act on, even when the exception has no
 message (a StopIteration out of DeepSpeed's pipeline input used to read "StopIteration: ")."""
 import json
-import os
 
 from gptbench import worker
 from gptbench.config import load_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "deepspeed_configs", "tiny-cpu.yaml")
+from paths import TINY_CPU as CONFIG
 
 
 def _next_of_nothing():
