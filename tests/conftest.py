@@ -36,3 +36,21 @@ def tiny_model():
         return cache[tie_embeddings]
 
     return make
+
+
+TIERS = ("unit", "integration")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers given here
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier, the folder it lives in; a test outside both is an error."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        rel = os.path.relpath(str(item.path), here)
+        tier = rel.split(os.sep, 1)[0]
+        if tier not in TIERS:
+            if rel.startswith(os.pardir):
+                continue  # not one of ours (a path given outside tests/)
+            raise pytest.UsageError(f"tests/{rel}: a test belongs in tests/unit/ (one process, "
+                                    "seconds) or tests/integration/ (launches, compiles)")
+        item.add_marker(getattr(pytest.mark, tier))

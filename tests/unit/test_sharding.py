@@ -1,6 +1,6 @@
 """The sharding model against hand computation (GPT-2 XL) and DeepSpeed's real shards
 (the tiny model's per-rank parameter counts, read from real runs' `params_per_rank`;
-tests/test_breakdown.py checks them again on runs made by the current code)."""
+tests/integration/test_breakdown.py checks them again on runs made by the current code)."""
 import pytest
 
 from gptbench import sharding

@@ -246,7 +246,7 @@ def test_flipped_token_fails_in_fp32_with_exact_rate():
 
 
 def test_flipped_clear_winner_fails_in_bf16_too():
-    # Near-ties within rounding pass in bf16 (tests/test_parity.py); a token whose
+    # Near-ties within rounding pass in bf16 (tests/unit/test_parity.py); a token whose
     # reference logit trails the top one by far more than the tolerance is a real mismatch.
     rt, rl, t, lg = hand_made()
     t[0, 3] = (t[0, 3] + 1) % 8

@@ -22,7 +22,7 @@ def _raised(fn):
 def test_an_empty_message_names_the_exception_and_where_it_was_raised():
     line = worker.describe(_raised(_next_of_nothing))
     lineno = _next_of_nothing.__code__.co_firstlineno + 1
-    assert line == (f"StopIteration (no message) raised at tests/test_worker.py:{lineno} "
+    assert line == (f"StopIteration (no message) raised at tests/unit/test_worker.py:{lineno} "
                     f"in _next_of_nothing")
 
 

@@ -1,7 +1,7 @@
 """The multi-node path's parts that need no second host: hostfile reading, the layout and
 the runner command, what the ranks get through .deepspeed_env, the loopback audit, a rank
 dying with its launcher, the host checks' comparison, and the suite's `hostfile:` key.
-The end-to-end runs over ssh are tests/test_multinode.py (`make test-multinode`)."""
+The end-to-end runs over ssh are tests/integration/test_multinode.py (`make test-multinode`)."""
 import json
 import os
 import socket
