@@ -43,6 +43,7 @@ from contextlib import contextmanager
 import torch
 
 from gptbench import compiled, scaling
+from gptbench.benchfmt import fmt, verdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "deepspeed_configs", "bench-cpu.yaml")
@@ -307,7 +308,7 @@ def measure_scaling(output_dir: str, config_path: str = CONFIG,
         else:
             rows[name] = row
         failed = "" if row["status"] == "ok" else f" - {row['error']}"
-        print(f"  {row['status']}: {_fmt(row['throughput_tokens_per_s'], '.1f')} tokens/s"
+        print(f"  {row['status']}: {fmt(row['throughput_tokens_per_s'], '.1f')} tokens/s"
               f"{failed} (log {log})", flush=True)
     return baseline_row, rows
 
@@ -394,14 +395,6 @@ def build_report(overhead: dict | None, baseline: dict | None, scaling: dict,
     }
 
 
-def _verdict(passed) -> str:
-    return {True: "PASS", False: "BELOW TARGET", None: "n/a"}[passed]
-
-
-def _fmt(value, spec: str, none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
-
 def format_table(report: dict) -> str:
     lines = []
     o = report.get("overhead")
@@ -418,30 +411,30 @@ def format_table(report: dict) -> str:
                 lines.append(f"  {name:<22}  skipped: {arm.get('skipped')}")
                 continue
             lines.append(f"  {name:<22}{arm['tokens_per_s_median']:>19.1f}"
-                         f"{_fmt(arm.get('ratio_to_bare'), '.3f', '1'):>15}"
-                         f"{_fmt(arm.get('cpu_time_ratio_to_bare'), '.3f', '1'):>16}"
-                         f"{_fmt(arm.get('tokens_match_bare'), '', 'ref'):>13}")
+                         f"{fmt(arm.get('ratio_to_bare'), '.3f', '1'):>15}"
+                         f"{fmt(arm.get('cpu_time_ratio_to_bare'), '.3f', '1'):>16}"
+                         f"{fmt(arm.get('tokens_match_bare'), '', 'ref'):>13}")
         ratio = report["overhead_ratio"]
-        verdict = ("PASS" if report["overhead_passed"] else "BELOW TARGET") if ratio else "n/a"
-        lines.append(f"  overhead_ratio {_fmt(ratio, '.3f')} (target >= "
-                     f"{report['overhead_target']}): {verdict}; the arm medians are not "
+        lines.append(f"  overhead_ratio {fmt(ratio, '.3f')} (target >= "
+                     f"{report['overhead_target']}): "
+                     f"{verdict(report['overhead_passed'] if ratio else None)}; the arm medians are not "
                      "paired, the ratios are")
         speed = report.get("compile_speedup")
-        lines.append(f"  compile_speedup {_fmt(speed, '.2f')} (compiled / eager DeepSpeed "
+        lines.append(f"  compile_speedup {fmt(speed, '.2f')} (compiled / eager DeepSpeed "
                      f"engine, target >= {report['compile_target']}): "
-                     f"{_verdict(report.get('compile_passed'))}; compiled in "
-                     f"{_fmt(report.get('compile_s'), '.1f')} s (untimed warm-up)")
+                     f"{verdict(report.get('compile_passed'))}; compiled in "
+                     f"{fmt(report.get('compile_s'), '.1f')} s (untimed warm-up)")
     sched = report.get("pipeline_schedules")
     if sched:
         lines.append("")
         lines.append(f"pipeline schedules (pp=2, m=2, 2 ranks, alternating in one launch): "
-                     f"in_flight / flush = {_fmt(sched.get('speedup'), '.2f')} "
+                     f"in_flight / flush = {fmt(sched.get('speedup'), '.2f')} "
                      f"(pairs {', '.join(f'{r:.2f}' for r in sched['pairs']) or '-'}; target "
-                     f">= {sched['target']}): {_verdict(report.get('pipeline_in_flight_passed'))}")
+                     f">= {sched['target']}): {verdict(report.get('pipeline_in_flight_passed'))}")
         for r in sched["rows"].values():
-            lines.append(f"  {r['run_id']:<24}{_fmt(r.get('throughput_tokens_per_s'), '.1f'):>10}"
-                         f" tokens/s, TPOT p50 {_fmt(r.get('tpot_ms_p50'), '.2f')} ms, parity "
-                         f"{_fmt(r.get('parity_passed'), '')}, {r['status']}")
+            lines.append(f"  {r['run_id']:<24}{fmt(r.get('throughput_tokens_per_s'), '.1f'):>10}"
+                         f" tokens/s, TPOT p50 {fmt(r.get('tpot_ms_p50'), '.2f')} ms, parity "
+                         f"{fmt(r.get('parity_passed'), '')}, {r['status']}")
     rows = dict(report.get("scaling") or {})
     if report.get("scaling_baseline"):
         rows = {"1 rank (baseline)": report["scaling_baseline"], **rows}
@@ -454,12 +447,12 @@ def format_table(report: dict) -> str:
         for name, r in rows.items():
             bubble = r.get("bubble_fraction_measured")
             lines.append(
-                f"  {name:<22}{r['ranks']:>6}{_fmt(r['throughput_tokens_per_s'], '.1f'):>10}"
-                f"{_fmt(r['speedup'], '.2f'):>9}{_fmt(r['parallel_efficiency'], '.2f'):>7}"
-                f"{_fmt(r['comm_fraction'], '.1%'):>7}{_fmt(bubble, '.1%'):>8}"
-                f"{_fmt(r['tpot_ms_p50'], '.2f'):>13}"
-                f"{_fmt(r.get('throughput_cv_pct'), '.0f'):>6}%"
-                f"{_fmt(r['parity_passed'], ''):>8}  {r['status']}"
+                f"  {name:<22}{r['ranks']:>6}{fmt(r['throughput_tokens_per_s'], '.1f'):>10}"
+                f"{fmt(r['speedup'], '.2f'):>9}{fmt(r['parallel_efficiency'], '.2f'):>7}"
+                f"{fmt(r['comm_fraction'], '.1%'):>7}{fmt(bubble, '.1%'):>8}"
+                f"{fmt(r['tpot_ms_p50'], '.2f'):>13}"
+                f"{fmt(r.get('throughput_cv_pct'), '.0f'):>6}%"
+                f"{fmt(r['parity_passed'], ''):>8}  {r['status']}"
                 + (f": {r['error']}" if r.get("error") else ""))
     return "\n".join(lines)
 

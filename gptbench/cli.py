@@ -70,7 +70,10 @@ def _plan(a) -> int:
 
 
 def _datasets_make(a) -> int:
-    from gptbench import datasets
+    from gptbench import datasets, limits
+
+    limits.check_seed("--seed", a.seed)
+    limits.check_int("--vocab-size", a.vocab_size, 1, 2 ** 31 - 1)
 
     datasets.check_make_inputs(a.out, a.num_samples, a.input_len, a.n_positions, a.prompts,
                                a.tokenizer)
@@ -205,8 +208,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except UserError as e:
-        print(f"gptbench: error: {e}", file=sys.stderr)
+    except UserError as e:  # one line whatever the message quotes (a user's newline)
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"gptbench: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptbench: interrupted", file=sys.stderr)

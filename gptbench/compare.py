@@ -108,6 +108,20 @@ def check_gates(fail_on: list[tuple[str, float]]) -> list[tuple[str, int, float]
     return gates
 
 
+def check_recorded(gates: list, runs: list[dict], base, candidate) -> None:
+    """A gate named only by its unit suffix (a metric gptbench may add later) must be a
+    metric some record holds; else it is a typo (`latency_s`), refused before any output."""
+    for name, _, _ in gates:
+        top = name.partition(".")[0]
+        if name in FIELD_DIRECTIONS or top in DIRECTIONS:
+            continue
+        if not any(isinstance(r.get("metrics"), dict) and top in r["metrics"] for r in runs):
+            known = sorted({k for r in runs if isinstance(r.get("metrics"), dict)
+                            for k in r["metrics"]} | set(DIRECTIONS))
+            raise UserError(f"--fail-on {name}: no run of {base} or {candidate} records "
+                            f"metrics.{top} (metrics: {', '.join(known)})")
+
+
 def compare(base, candidate, fail_on: list[tuple[str, float]],
             allow_missing: bool = False, noise: str = "intervals") -> tuple[str, int]:
     """(text report, exit code): 1 when a gate finds a regression (or a base run is missing
@@ -117,6 +131,7 @@ def compare(base, candidate, fail_on: list[tuple[str, float]],
     gates = check_gates(fail_on)
     base_runs, base_skipped = load_side(base)
     candidate_runs, candidate_skipped = load_side(candidate)
+    check_recorded(gates, base_runs + candidate_runs, base, candidate)
     pairs, notes = match_runs(base_runs, candidate_runs, single=Path(base).is_file() and Path(candidate).is_file())
     if not pairs:
         raise UserError(f"nothing to compare: no run in common by run_id or by configuration; "

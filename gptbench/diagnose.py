@@ -244,19 +244,23 @@ def main(a) -> int:
         return code
     from gptbench import diagnose_comm, results
 
-    try:
-        worlds = tuple(int(x) for x in a.comm_ranks.split(","))
-    except ValueError:
-        raise UserError(f"--comm-ranks: expected world sizes like 2,4, got '{a.comm_ranks}'") from None
+    from gptbench import limits
+
+    worlds = tuple(limits.ascii_int(x.strip()) for x in a.comm_ranks.split(","))
+    if None in worlds:
+        raise UserError(f"--comm-ranks: expected world sizes like 2,4, got '{a.comm_ranks[:40]}'")
+    for world in worlds:  # every world size is that many processes on this machine
+        limits.check_local_ranks("--comm-ranks", world)
     if a.comm_threads is not None and a.comm_threads < 1:
         raise UserError(f"--comm-threads: must be >= 1, got {a.comm_threads}")
-    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if a.comm_threads is not None:
+        limits.check_threads("--comm-threads", a.comm_threads)
+    limits.check_path("--out", a.out)
     if os.path.exists(a.out) and os.path.isdir(a.out):
         raise UserError(f"--out {a.out}: is a directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {a.out}: cannot create {out_dir} ({e.strerror})") from None
+    problem = limits.writable_folder_problem(os.path.dirname(os.path.abspath(a.out)))
+    if problem:
+        raise UserError(f"--out {a.out}: cannot create it: {problem}")
     data = diagnose_comm.measure_comm(worlds, a.comm_threads)
     results.write_json_atomic(a.out, data)
     print(diagnose_comm.format_comm(data), end="")

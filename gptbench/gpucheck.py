@@ -80,6 +80,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from gptbench.benchfmt import fmt, verdict
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "deepspeed_configs", "gpu-check.yaml")
 SCHEMA = "gptbench.gpu-check/1"
@@ -183,8 +185,8 @@ def run_row(row: Row, output_dir: str, deadline: float) -> dict:
         return out
     out = summarize_record(row, record)
     out["log"] = log
-    print(f"  {out['status']}: {_fmt(out['tokens_per_s'], '.1f')} tokens/s, parity "
-          f"{_fmt(out['parity_passed'], '')}" + (f" - {out['error']}" if out["error"] else ""),
+    print(f"  {out['status']}: {fmt(out['tokens_per_s'], '.1f')} tokens/s, parity "
+          f"{fmt(out['parity_passed'], '')}" + (f" - {out['error']}" if out["error"] else ""),
           flush=True)
     return out
 
@@ -335,14 +337,6 @@ def evaluate_targets(rows: list[dict]) -> dict:
     return out
 
 
-def _fmt(value, spec: str, none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
-
-def _verdict(met) -> str:
-    return {True: "met", False: "not met", None: "unknown"}[met]
-
-
 def format_table(report: dict) -> str:
     lines = [f"gpu-check on {report['device_name']} (GPT-2 XL, random weights, fp16, "
              "batch 4, 256 -> 64 tokens)",
@@ -350,11 +344,11 @@ def format_table(report: dict) -> str:
              f"{'HBM roof':>10}{'compile s':>11}{'parity':>8}  status"]
     for r in report["rows"]:
         peak = r["peak_memory_bytes"] / GiB if r["peak_memory_bytes"] else None
-        lines.append(f"  {r['row']:<20}{_fmt(r['tokens_per_s'], '.1f'):>10}"
-                     f"{_fmt(r['ttft_ms_p50'], '.1f'):>10}{_fmt(r['tpot_ms_p50'], '.2f'):>10}"
-                     f"{_fmt(peak, '.2f'):>10}{_fmt(r['roofline_fraction'], '.1%'):>10}"
-                     f"{_fmt(r.get('compile_s'), '.0f'):>11}"
-                     f"{_fmt(r['parity_passed'], ''):>8}  {r['status']}"
+        lines.append(f"  {r['row']:<20}{fmt(r['tokens_per_s'], '.1f'):>10}"
+                     f"{fmt(r['ttft_ms_p50'], '.1f'):>10}{fmt(r['tpot_ms_p50'], '.2f'):>10}"
+                     f"{fmt(peak, '.2f'):>10}{fmt(r['roofline_fraction'], '.1%'):>10}"
+                     f"{fmt(r.get('compile_s'), '.0f'):>11}"
+                     f"{fmt(r['parity_passed'], ''):>8}  {r['status']}"
                      + (f": {r['error'][:160]}" if r.get("error") else ""))
     for r in report["rows"]:
         if r.get("decode_profile"):
@@ -363,16 +357,16 @@ def format_table(report: dict) -> str:
         if g:
             lines.append(f"  {r['row']}: decode graph {g['inputs']} inputs, {g['cache_copies']} "
                          f"cache copies, {g['launches']} launches; CUDA-graph skips "
-                         f"{_fmt(r.get('cudagraph_skips'), 'd')}")
+                         f"{fmt(r.get('cudagraph_skips'), 'd')}")
     t = report["targets"]
     roof, ratio = t["roofline"], t["tpot_vs_hf_compiled"]
     lines.append(f"targets (stated for one H200; best DeepSpeed row: {t['best_deepspeed_row']})")
     lines.append(f"  decode >= {roof['target_fraction']:.0%} of the HBM roofline: "
-                 f"{_verdict(roof['met'])} ({_fmt(roof['fraction'], '.1%')}; TPOT p50 "
-                 f"{_fmt(roof['tpot_ms_p50'], '.2f')} ms, target <= "
-                 f"{_fmt(roof['tpot_ms_at_target'], '.2f')} ms)")
-    lines.append(f"  TPOT <= {ratio['target']:g}x hf_compiled's: {_verdict(ratio['met'])} "
-                 f"({_fmt(ratio['ratio'], '.2f')}x)")
+                 f"{verdict(roof['met'])} ({fmt(roof['fraction'], '.1%')}; TPOT p50 "
+                 f"{fmt(roof['tpot_ms_p50'], '.2f')} ms, target <= "
+                 f"{fmt(roof['tpot_ms_at_target'], '.2f')} ms)")
+    lines.append(f"  TPOT <= {ratio['target']:g}x hf_compiled's: {verdict(ratio['met'])} "
+                 f"({fmt(ratio['ratio'], '.2f')}x)")
     for reason in t["reasons"]:
         lines.append(f"  note: {reason}")
     if report.get("stage_probe"):
@@ -381,11 +375,11 @@ def format_table(report: dict) -> str:
 
 
 def format_decode_profile(p: dict) -> str:
-    return (f"decode step {_fmt(p.get('step_ms'), '.3f')} ms: "
-            f"{_fmt(p.get('kernels_per_step'), '.0f')} kernels, GPU busy "
-            f"{_fmt(p.get('busy_ms_per_step'), '.3f')} ms, host {_fmt(p.get('host_ms_per_step'), '.3f')} ms"
-            f" per step; {_fmt(p.get('fraction_of_floor'), '.0%')} of the bandwidth floor "
-            f"({_fmt(p.get('floor_ms'), '.3f')} ms): {p.get('verdict')}")
+    return (f"decode step {fmt(p.get('step_ms'), '.3f')} ms: "
+            f"{fmt(p.get('kernels_per_step'), '.0f')} kernels, GPU busy "
+            f"{fmt(p.get('busy_ms_per_step'), '.3f')} ms, host {fmt(p.get('host_ms_per_step'), '.3f')} ms"
+            f" per step; {fmt(p.get('fraction_of_floor'), '.0%')} of the bandwidth floor "
+            f"({fmt(p.get('floor_ms'), '.3f')} ms): {p.get('verdict')}")
 
 
 def _gpu_name() -> str | None:

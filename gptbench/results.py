@@ -295,7 +295,34 @@ def value_at(record: dict, dotted_path: str):
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an int too large for a float is not one: OverflowError)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return abs(value) <= MAX_FIGURE if isinstance(value, int) else math.isfinite(value)
+
+
+# Plausibility: what a run can measure. Every figure the readers use is >= 0 and at most
+# MAX_FIGURE (1e15: more bytes than any machine holds, more tokens/s or ms than any run
+# sees); fractions are at most 1, percentages at most 100. A record beyond these is not
+# rendered as fact: the readers skip and name it like any other invalid record.
+MAX_FIGURE = 10 ** 15
+FRACTIONS = {"metrics.comm_fraction", "metrics.bubble_fraction.measured",
+             "metrics.bubble_fraction.theory", "parity.token_match_rate",
+             *(f"metrics.time_breakdown.{part}" for part in ("compute", "communication", "waiting"))}
+PERCENTAGES = {"metrics.gpu_utilization_pct.mean"}
+
+
+def _implausible(where: str, value, kind) -> str | None:
+    """Why a value of the right type cannot be a measured figure, or None."""
+    if kind not in (NUMBER, LIST_OF_NUMBERS, int) or value is None:
+        return None
+    high = 1 if where in FRACTIONS else 100 if where in PERCENTAGES else MAX_FIGURE
+    for v in (value if isinstance(value, list) else [value]):
+        if v is not None and not 0 <= v <= high:
+            shown = f"{v:g}" if abs(v) <= MAX_FIGURE * 1e3 else "a number of over 18 digits"
+            return (f"is {shown}, not a figure a run can measure (0..{high:g}): the record "
+                    "cannot be true")
+    return None
 
 
 def _type_problem(value, kind) -> str | None:
@@ -326,7 +353,7 @@ def check_fields(record: dict) -> None:
         else:
             found = [(path, value_at(record, path))]
         for where, value in found:
-            problem = _type_problem(value, kind)
+            problem = _type_problem(value, kind) or _implausible(where, value, kind)
             if problem:
                 raise ValueError(f"{where} {problem}")
     if record["status"] == "ok" and value_at(record, "metrics.throughput_tokens_per_s") is None:
@@ -339,6 +366,9 @@ def read_run(path) -> dict:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # an int of > 4300 digits; nesting too deep
+        why = (str(exc) or type(exc).__name__).splitlines()[0][:100]
+        raise ValueError(f"not valid JSON: {why}") from None
     schema = record.get("schema") if isinstance(record, dict) else None
     if schema != SCHEMA:
         raise ValueError(f"schema is {schema!r}, not {SCHEMA!r}")
