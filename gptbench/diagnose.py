@@ -242,9 +242,7 @@ def main(a) -> int:
         text, code = diagnose(hostfile=a.hostfile)
         print(text.rstrip("\n"))
         return code
-    from gptbench import diagnose_comm, results
-
-    from gptbench import limits
+    from gptbench import diagnose_comm, limits, results
 
     worlds = tuple(limits.ascii_int(x.strip()) for x in a.comm_ranks.split(","))
     if None in worlds:

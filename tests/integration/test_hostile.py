@@ -19,17 +19,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from gptbench import cli, config, hostfile, launcher, limits, results, suite
 from gptbench.compare import compare
 from gptbench.errors import UserError
 from gptbench.report.load import load_runs
+from paths import FIXTURES, TINY_CPU
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = yaml.safe_load((ROOT / "deepspeed_configs" / "tiny-cpu.yaml").read_text())
+TINY = yaml.safe_load(Path(TINY_CPU).read_text())
 TINY["output_dir"] = "out"
-FIXTURE_SUITE = ROOT / "tests" / "fixtures" / "suite"
+FIXTURE_SUITE = Path(FIXTURES) / "suite"
 KEYS = sorted(config.flat(config.RunConfig()))
 # No example database: the tests change directory, and a clean clone stays clean.
 FEW = settings(max_examples=25, deadline=None, database=None,
@@ -263,7 +264,7 @@ def test_a_generated_record_is_skipped_and_named_or_read(edits, run_id):
         assert "run_id" in edits or bool(kept) != (edited.name in named)
         for record in records:
             _believable(record)
-        for path, reason in skipped:
+        for _, reason in skipped:
             assert reason and "\n" not in reason
         one_line_or_ok(lambda: compare(folder, FIXTURE_SUITE, [("throughput_tokens_per_s", 5)],
                                        allow_missing=True))
