@@ -38,7 +38,7 @@ lint: install
 test: lint
 	$(PY) -m pytest -q --durations=15 tests
 
-# The unit tier (tests/unit/: one process, no launch, no compilation): about a minute.
+# The unit tier (tests/unit/: one process, no launch, no compilation): under a minute on 2 cores.
 test-fast: install
 	$(PY) -m pytest -q --durations=5 tests/unit
 
