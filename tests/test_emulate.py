@@ -224,3 +224,18 @@ def test_an_unpipelined_rows_compute_is_its_timed_steps_median_less_collectives(
     timed = [0.020, 0.009, 0.008, 0.030, 0.0085]  # a descheduled step does not move it
     assert rank_step_compute_s({"decode_steps": 3}, phase, timed) == pytest.approx(0.009 - 0.005)
     assert rank_step_compute_s({"decode_steps": 3}, phase, []) == 0.010
+
+
+def test_bench_pairs_each_real_row_with_its_emulation(both):
+    from gptbench.benchemulate import compare_rows, summary
+
+    records, out = both
+    rows = {r["run_id"]: r for r in compare_rows(str(out / "runs"))}
+    assert set(rows) == set(RUNS)
+    real, emu = records["tp2"]
+    assert rows["tp2"]["measured_over_emulated"] == pytest.approx(
+        real["metrics"]["tpot_ms"]["p50"] / emu["metrics"]["predicted"]["tpot_ms"])
+    assert rows["tp2"]["band"] == [0.9, 1.1] and rows["full"]["band"] == [0.75, 1.25]
+    counted = summary(list(rows.values()))
+    assert counted["1-2 ranks"]["rows"] == 3
+    assert sum(v["rows"] for v in counted.values()) == len(RUNS)
