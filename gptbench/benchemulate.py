@@ -2,7 +2,7 @@
 measured. For every ok row of the demo suite (deepspeed_configs/demo-cpu.yaml: tiny GPT-2,
 gloo, one thread per rank), the real multi-process run beside its emulated prediction
 (`suite --emulate`, latencies from this machine's `gptbench diagnose --comm` on gloo, one
-thread per rank), written as `measured_over_emulated` (TPOT p50 and TTFT p50) per row in
+thread per rank, plus its all-reduces after compute: gptbench/stepcomm.py), written as `measured_over_emulated` (TPOT p50 and TTFT p50) per row in
 `<output_dir>/bench.json`, with the run's own prediction's ratio beside it. Each row's real
 run is followed at once by its emulation (one child process per row).
 
@@ -96,9 +96,13 @@ def main(output_dir: str = "reports/bench-emulate-cpu", real_dir: str | None = N
     suite = load_suite(SUITE, suite_dir)
     check(suite, SUITE)
     os.makedirs(os.path.join(suite_dir, "logs"), exist_ok=True)
-    code = _cli("diagnose", "--comm", "--comm-ranks", "2,4", "--comm-threads", "1", "--out", comm)
+    code = (_cli("diagnose", "--comm", "--comm-ranks", "2,4", "--comm-threads", "1", "--out", comm)
+            if not (real_dir and os.path.exists(comm)) else 0)
     if code != 0:
         return code
+    from gptbench import stepcomm
+
+    stepcomm.add_to(comm)  # all-reduces after compute, as a step makes them
     for r in suite.runs:
         _pair(suite, r, suite_dir, comm, real=real_dir is None)
     from gptbench.report.render import render_report
