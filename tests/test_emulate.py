@@ -239,3 +239,22 @@ def test_bench_pairs_each_real_row_with_its_emulation(both):
     counted = summary(list(rows.values()))
     assert counted["1-2 ranks"]["rows"] == 3
     assert sum(v["rows"] for v in counted.values()) == len(RUNS)
+
+
+def test_a_comm_file_with_in_step_entries_prices_tensor_all_reduces_with_them(tmp_path):
+    from gptbench import stepcomm
+
+    def entry(op, us):
+        return {"op": op, "group_size": 2, "concurrent_groups": 1, "bytes": 1024,
+                "latency_us": us, "iterations": 20, "world_size": 2}
+
+    path = tmp_path / "comm.json"
+    base = {"schema": "gptbench.comm/1", "backend": "gloo", "measured_at": "now",
+            "entries": [entry("all_reduce", 100.0), entry("p2p", 50.0)]}
+    path.write_text(json.dumps(base))
+    lookup, _ = predict.latency_from(comm_file=str(path))
+    assert lookup("all_reduce", 2, 1024) == pytest.approx(100.0)
+    path.write_text(json.dumps({**base, "entries": base["entries"] + [entry(stepcomm.OP, 900.0)]}))
+    lookup, source = predict.latency_from(comm_file=str(path))
+    assert lookup("all_reduce", 2, 1024) == pytest.approx(900.0) and "in_step" in source
+    assert lookup("p2p", 2, 1024) == pytest.approx(50.0)
