@@ -15,9 +15,10 @@ whether or not a target is met (1 only when nothing could be measured).
    config's engine.threads). The DeepSpeed
    `InferenceEngine` arm (`init_inference`, tp_size=1, gloo, world of one) runs the same
    way when DeepSpeed initialises in-process, else it is skipped with the reason.
-   `compile_speedup`: the same pairing between the DeepSpeed engine compiled over a static
-   KV cache (engine.compile=default: inductor; no CUDA graphs on CPU) and the same engine
-   eager, on separate copies of the model; target >= 1.5 on the small preset. Compilation
+   `compile_speedup`: the same pairing between gptbench's compiled step over the DeepSpeed
+   engine's module (engine.compile=default: inductor, parameters frozen, the KV cache
+   written in place; no CUDA graphs on CPU) and the same engine eager, on separate copies
+   of the model; target >= 1.5 on the small preset. Compilation
    happens in the untimed warm-up (`compile_s`).
 2. Scaling: deepspeed_configs/bench-cpu.yaml through the `deepspeed` launcher, one torch
    thread per rank: 1 rank of pure_data_parallel (the baseline), then 2 ranks of each
@@ -42,6 +43,7 @@ from contextlib import contextmanager
 import torch
 
 from gptbench import compiled, scaling
+from gptbench.benchfmt import fmt, verdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "deepspeed_configs", "bench-cpu.yaml")
@@ -80,7 +82,7 @@ def gptbench_unit(gen, ids: torch.Tensor, output_len: int) -> tuple[int, float, 
 
     cpu = time.process_time()
     timing = runner.run_timed(gen, [ids], output_len, iterations=1, warmup=0,
-                              barrier=runner.no_sync)
+                              barrier=lambda: None)
     return timing.generated_tokens, timing.timed_wall_s, time.process_time() - cpu
 
 
@@ -126,8 +128,11 @@ def deepspeed_generator(plan, model):
         # CPU all-reduce): keep it off.
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo")
+    from gptbench.worker import inductor_options
+
     ctx = RankContext(cfg=plan.cfg, grid=plan.grid, rank=0, device=plan.device,
-                      dtype=plan.dtype, model=model, info={"compile_mode": plan.compile_mode})
+                      dtype=plan.dtype, model=model,
+                      info={"compile_mode": plan.compile_mode, "inductor": inductor_options(plan)})
     return REGISTRY["pure_data_parallel"](ctx)
 
 
@@ -157,13 +162,17 @@ def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
     ctx = RankContext(cfg=plan.cfg, grid=plan.grid, rank=0, device=plan.device,
                       dtype=plan.dtype, model=model, info={"compile_mode": "off"})
     gens = {"gptbench_hf": REGISTRY["pure_data_parallel"](ctx)}
-    skipped, compile_s = {}, None
+    skipped, compile_s, options = {}, None, None
     for name, mode in (("gptbench_deepspeed", "off"), ("gptbench_compiled", "default")):
         if not with_deepspeed:
             skipped[name] = "not requested (with_deepspeed=False)"
             continue
         try:
             ds_plan = _plan(config_path, overrides, "deepspeed", mode)
+            if mode != "off":
+                from gptbench.worker import inductor_options
+
+                options = inductor_options(ds_plan)
             gens[name] = deepspeed_generator(ds_plan, copy.deepcopy(model))
         except Exception as e:  # noqa: BLE001 - reported in bench.json, the rest still runs
             skipped[name] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
@@ -174,13 +183,15 @@ def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
     names = list(units)
     wall = {name: [] for name in names}  # tokens per wall second, one per (repeat, batch)
     cpu = {name: [] for name in names}   # tokens per CPU second of this process
-    with torch.no_grad():
+    with torch.no_grad(), compiled.compiling(options):
         start = compiled.snapshot()
         tokens_match = {name: same_tokens(model, gen, batches[0], w.output_len)
                         for name, gen in gens.items()}
         for name in names:  # warm-up: allocator, thread pool, first-call paths, compilation
             units[name](batches[0])
         compile_s = compiled.CompileStats.since(start).compile_s
+        stance = compiled.measuring(options)  # as the worker measures a compiled run
+        stance.__enter__()
         # One batch per unit, arms back to back, order rotating: a pair of units sees
         # the same machine state even when other processes come and go.
         for i in range(repeats * len(batches)):
@@ -189,6 +200,7 @@ def measure_overhead(config_path: str = CONFIG, overrides: list[str] = (),
                 tokens, wall_s, cpu_s = units[name](ids)
                 wall[name].append(tokens / wall_s)
                 cpu[name].append(tokens / cpu_s if cpu_s > 0 else None)
+        stance.__exit__(None, None, None)
     if "gptbench_deepspeed" in gens and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # the world of one is done
     block = overhead_block({"wall": wall, "cpu": cpu}, tokens_match, skipped, plan, model)
@@ -296,7 +308,7 @@ def measure_scaling(output_dir: str, config_path: str = CONFIG,
         else:
             rows[name] = row
         failed = "" if row["status"] == "ok" else f" - {row['error']}"
-        print(f"  {row['status']}: {_fmt(row['throughput_tokens_per_s'], '.1f')} tokens/s"
+        print(f"  {row['status']}: {fmt(row['throughput_tokens_per_s'], '.1f')} tokens/s"
               f"{failed} (log {log})", flush=True)
     return baseline_row, rows
 
@@ -383,14 +395,6 @@ def build_report(overhead: dict | None, baseline: dict | None, scaling: dict,
     }
 
 
-def _verdict(passed) -> str:
-    return {True: "PASS", False: "BELOW TARGET", None: "n/a"}[passed]
-
-
-def _fmt(value, spec: str, none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
-
 def format_table(report: dict) -> str:
     lines = []
     o = report.get("overhead")
@@ -407,30 +411,30 @@ def format_table(report: dict) -> str:
                 lines.append(f"  {name:<22}  skipped: {arm.get('skipped')}")
                 continue
             lines.append(f"  {name:<22}{arm['tokens_per_s_median']:>19.1f}"
-                         f"{_fmt(arm.get('ratio_to_bare'), '.3f', '1'):>15}"
-                         f"{_fmt(arm.get('cpu_time_ratio_to_bare'), '.3f', '1'):>16}"
-                         f"{_fmt(arm.get('tokens_match_bare'), '', 'ref'):>13}")
+                         f"{fmt(arm.get('ratio_to_bare'), '.3f', '1'):>15}"
+                         f"{fmt(arm.get('cpu_time_ratio_to_bare'), '.3f', '1'):>16}"
+                         f"{fmt(arm.get('tokens_match_bare'), '', 'ref'):>13}")
         ratio = report["overhead_ratio"]
-        verdict = ("PASS" if report["overhead_passed"] else "BELOW TARGET") if ratio else "n/a"
-        lines.append(f"  overhead_ratio {_fmt(ratio, '.3f')} (target >= "
-                     f"{report['overhead_target']}): {verdict}; the arm medians are not "
+        lines.append(f"  overhead_ratio {fmt(ratio, '.3f')} (target >= "
+                     f"{report['overhead_target']}): "
+                     f"{verdict(report['overhead_passed'] if ratio else None)}; the arm medians are not "
                      "paired, the ratios are")
         speed = report.get("compile_speedup")
-        lines.append(f"  compile_speedup {_fmt(speed, '.2f')} (compiled / eager DeepSpeed "
+        lines.append(f"  compile_speedup {fmt(speed, '.2f')} (compiled / eager DeepSpeed "
                      f"engine, target >= {report['compile_target']}): "
-                     f"{_verdict(report.get('compile_passed'))}; compiled in "
-                     f"{_fmt(report.get('compile_s'), '.1f')} s (untimed warm-up)")
+                     f"{verdict(report.get('compile_passed'))}; compiled in "
+                     f"{fmt(report.get('compile_s'), '.1f')} s (untimed warm-up)")
     sched = report.get("pipeline_schedules")
     if sched:
         lines.append("")
         lines.append(f"pipeline schedules (pp=2, m=2, 2 ranks, alternating in one launch): "
-                     f"in_flight / flush = {_fmt(sched.get('speedup'), '.2f')} "
+                     f"in_flight / flush = {fmt(sched.get('speedup'), '.2f')} "
                      f"(pairs {', '.join(f'{r:.2f}' for r in sched['pairs']) or '-'}; target "
-                     f">= {sched['target']}): {_verdict(report.get('pipeline_in_flight_passed'))}")
+                     f">= {sched['target']}): {verdict(report.get('pipeline_in_flight_passed'))}")
         for r in sched["rows"].values():
-            lines.append(f"  {r['run_id']:<24}{_fmt(r.get('throughput_tokens_per_s'), '.1f'):>10}"
-                         f" tokens/s, TPOT p50 {_fmt(r.get('tpot_ms_p50'), '.2f')} ms, parity "
-                         f"{_fmt(r.get('parity_passed'), '')}, {r['status']}")
+            lines.append(f"  {r['run_id']:<24}{fmt(r.get('throughput_tokens_per_s'), '.1f'):>10}"
+                         f" tokens/s, TPOT p50 {fmt(r.get('tpot_ms_p50'), '.2f')} ms, parity "
+                         f"{fmt(r.get('parity_passed'), '')}, {r['status']}")
     rows = dict(report.get("scaling") or {})
     if report.get("scaling_baseline"):
         rows = {"1 rank (baseline)": report["scaling_baseline"], **rows}
@@ -443,12 +447,12 @@ def format_table(report: dict) -> str:
         for name, r in rows.items():
             bubble = r.get("bubble_fraction_measured")
             lines.append(
-                f"  {name:<22}{r['ranks']:>6}{_fmt(r['throughput_tokens_per_s'], '.1f'):>10}"
-                f"{_fmt(r['speedup'], '.2f'):>9}{_fmt(r['parallel_efficiency'], '.2f'):>7}"
-                f"{_fmt(r['comm_fraction'], '.1%'):>7}{_fmt(bubble, '.1%'):>8}"
-                f"{_fmt(r['tpot_ms_p50'], '.2f'):>13}"
-                f"{_fmt(r.get('throughput_cv_pct'), '.0f'):>6}%"
-                f"{_fmt(r['parity_passed'], ''):>8}  {r['status']}"
+                f"  {name:<22}{r['ranks']:>6}{fmt(r['throughput_tokens_per_s'], '.1f'):>10}"
+                f"{fmt(r['speedup'], '.2f'):>9}{fmt(r['parallel_efficiency'], '.2f'):>7}"
+                f"{fmt(r['comm_fraction'], '.1%'):>7}{fmt(bubble, '.1%'):>8}"
+                f"{fmt(r['tpot_ms_p50'], '.2f'):>13}"
+                f"{fmt(r.get('throughput_cv_pct'), '.0f'):>6}%"
+                f"{fmt(r['parity_passed'], ''):>8}  {r['status']}"
                 + (f": {r['error']}" if r.get("error") else ""))
     return "\n".join(lines)
 

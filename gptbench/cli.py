@@ -57,7 +57,8 @@ def _compare(a) -> int:
     from gptbench.compare import compare, parse_fail_on
 
     gates = [gate for spec in a.fail_on for gate in parse_fail_on(spec)]
-    text, code = compare(a.base, a.candidate, gates, allow_missing=a.allow_missing)
+    text, code = compare(a.base, a.candidate, gates, allow_missing=a.allow_missing,
+                         noise=a.noise)
     print(text, end="")
     return code
 
@@ -69,7 +70,10 @@ def _plan(a) -> int:
 
 
 def _datasets_make(a) -> int:
-    from gptbench import datasets
+    from gptbench import datasets, limits
+
+    limits.check_seed("--seed", a.seed)
+    limits.check_int("--vocab-size", a.vocab_size, 1, 2 ** 31 - 1)
 
     datasets.check_make_inputs(a.out, a.num_samples, a.input_len, a.n_positions, a.prompts,
                                a.tokenizer)
@@ -153,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "more than PCT percent in a matched run; exit 2 when it compared nothing")
     c.add_argument("--allow-missing", action="store_true",
                    help="a base run with no match in the candidate does not fail --fail-on")
+    c.add_argument("--noise", choices=("intervals", "mann-whitney", "none"), default="intervals",
+                   help="what tells a change beyond its limit from noise: the runs' 95 %% "
+                        "intervals not overlapping (default), a Mann-Whitney test on their "
+                        "per-batch figures, or nothing")
     c.set_defaults(fn=_compare)
 
     pl = sub.add_parser("plan", help="predicted memory and roofline bounds per strategy")
@@ -200,8 +208,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except UserError as e:
-        print(f"gptbench: error: {e}", file=sys.stderr)
+    except UserError as e:  # one line whatever the message quotes (a user's newline)
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"gptbench: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptbench: interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from gptbench import limits
 from gptbench.errors import UserError
 
 STRATEGIES = ("pure_data_parallel", "tensor_data_hybrid", "pipeline_data_hybrid",
@@ -58,7 +59,11 @@ class WorkloadConfig:
     input_len: int = 256
     output_len: int = 64
     num_samples: int = 20  # per data-parallel replica (weak scaling)
-    iterations: int = 3
+    iterations: int = 3    # the least number of timed passes over the replica's batches
+    # timed passes continue until both iterations and min_duration_s are reached (bounded
+    # by half of timeout_s from the rank's start); 0: iterations alone
+    min_duration_s: float = 0.0
+    max_cv_pct: float = 10.0  # a pass-to-pass throughput CV above this makes the run invalid
     warmup: int = 1        # untimed batches before the timed iterations
     dataset: typing.Optional[str] = None  # None: seeded synthetic token ids
 
@@ -81,11 +86,18 @@ class EngineConfig:
     # torch.compile of the decode step over a static KV cache; auto: reduce-overhead (CUDA
     # graphs) on CUDA, off on CPU
     compile: str = "auto"
+    # how the decode step is compiled (gptbench/compiled.py InductorOptions)
+    freezing: bool = True              # parameters inlined as constants, not graph inputs
+    tuning: str = "none"               # none | coordinate_descent | max_autotune
+    attention: str = "math"            # math (inductor fuses it) | sdpa
+    skip_guard_eval: bool = True       # after warm-up, evaluate only distinguishing guards
     kernel_inject: bool = False
     cuda_graph: bool = False
     threads: typing.Optional[int] = None  # torch threads per rank; None: cores / local ranks
     deepspeed_config: typing.Optional[str] = None  # None: deepspeed_configs/ds_<strategy>.json
-    comm_timeout_s: float = 120.0
+    # the watchdog timeout of every process group; auto: from the device and the predicted
+    # compile time of ranks compiling at once (gptbench/watchdog.py)
+    comm_timeout_s: typing.Union[float, str] = "auto"
     profile_comm: bool = True
 
 
@@ -107,11 +119,14 @@ CHOICES = {
     "engine.device": DEVICES, "topology.partition_method": PARTITION_METHODS,
     "engine.backend": BACKENDS, "topology.pipe_topology": PIPE_TOPOLOGIES,
     "engine.compile": COMPILE_MODES, "topology.pipeline_schedule": PIPELINE_SCHEDULES,
+    "engine.tuning": ("none", "coordinate_descent", "max_autotune"),
+    "engine.attention": ("math", "sdpa"),
 }
 POSITIVE = {"topology.world_size", "topology.tp", "topology.pp", "topology.micro_batches",
             "workload.batch_size", "workload.input_len", "workload.output_len",
             "workload.num_samples", "workload.iterations", "parity.samples", "parity.tokens",
             "engine.threads", "timeout_s", "engine.comm_timeout_s"}
+AUTO_NUMBERS = {"engine.comm_timeout_s"}  # a number, or the string "auto"
 
 
 def _coerce(key: str, value, hint):
@@ -129,13 +144,22 @@ def _coerce(key: str, value, hint):
     }[hint]
     if not ok:
         raise UserError(f"{key}: expected {hint.__name__}{' or null' if optional else ''}, "
-                        f"got {type(value).__name__} {value!r}")
+                        f"got {limits.show(value)}")
     return float(value) if hint is float else value
+
+
+def _auto_or_number(key: str, value):
+    if value == "auto":
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise UserError(f"{key}: expected a number or 'auto', got {limits.show(value)}")
 
 
 def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got "
+                        f"{limits.show(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -147,6 +171,8 @@ def _build(cls, data: dict, prefix: str = ""):
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        elif prefix + name in AUTO_NUMBERS:
+            kwargs[name] = _auto_or_number(prefix + name, value)
         else:
             kwargs[name] = _coerce(prefix + name, value, hint)
     return cls(**kwargs)
@@ -169,7 +195,16 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--set expects key=value, got '{pair}'")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        key = key.strip()
+        if key.count(".") >= limits.MAX_YAML_DEPTH:
+            raise UserError(f"--set {key[:60]}...: more sections than any config has")
+        try:
+            value = (limits.load_yaml(raw, f"--set {key}={raw[:60]}", lines=False)
+                     if raw.strip() else None)
+        except UserError as e:
+            raise UserError(f"{e}; quote text that YAML reads otherwise: "
+                            f"--set \"{key}='...'\"") from None
+        _set_dotted(tree, key, value)
     return tree
 
 
@@ -188,6 +223,12 @@ def override_pairs(mapping, where: str) -> list[str]:
     return out
 
 
+def set_pair(key: str, text: str) -> str:
+    """`KEY=TEXT` for --set, quoted where YAML would read TEXT as something else
+    (`run_id='1'`, `output_dir='null'`), so the ranks read back the launcher's string."""
+    return f"{key}={_yaml_scalar(text)}"
+
+
 def _yaml_scalar(value) -> str:
     text = yaml.safe_dump(value, default_flow_style=True)  # "tp\n...\n" for a plain scalar
     return text.removesuffix("...\n").strip()
@@ -200,31 +241,14 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' is given twice (lines {seen[key] + 1} and "
-                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
 def read_yaml(path: str) -> dict:
+    """A config or suite file: UTF-8 YAML whose keys are strings (limits.load_yaml)."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    text = limits.read_text(path, "config", limits.MAX_CONFIG_BYTES)
+    data = limits.load_yaml(text, path)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config keys at the top level")
     return data
@@ -267,12 +291,17 @@ def _check_values(cfg: RunConfig) -> None:
                 allowed = [f"{name} ({alias})" for alias, name in ALIASES.items()]
             raise UserError(f"{key}: '{values[key]}' is not one of {', '.join(allowed)}")
     for key in POSITIVE:
-        if values[key] is not None and values[key] <= 0:
+        if isinstance(values[key], (int, float)) and values[key] <= 0:
             raise UserError(f"{key}: must be positive, got {values[key]}")
     if cfg.parity.tolerance is not None and cfg.parity.tolerance < 0:
         raise UserError(f"parity.tolerance: must be >= 0, got {cfg.parity.tolerance}")
     if cfg.workload.warmup < 0:
         raise UserError(f"workload.warmup: must be >= 0, got {cfg.workload.warmup}")
+    if cfg.workload.min_duration_s < 0:
+        raise UserError(f"workload.min_duration_s: must be >= 0, got {cfg.workload.min_duration_s}")
+    if cfg.workload.max_cv_pct <= 0:
+        raise UserError(f"workload.max_cv_pct: must be positive, got {cfg.workload.max_cv_pct}")
+    _check_bounds(values)
     from gptbench.models import PRESETS
     if cfg.model.preset is not None and cfg.model.preset not in PRESETS:
         raise UserError(f"model.preset: '{cfg.model.preset}' is not one of {', '.join(PRESETS)}")
@@ -287,5 +316,45 @@ def _check_values(cfg: RunConfig) -> None:
                         f"({w.batch_size})")
     if w.dataset is not None and not os.path.isfile(w.dataset):
         raise UserError(f"workload.dataset: file not found: {w.dataset}")
-    if cfg.run_id is not None and not all(c.isalnum() or c in "-_." for c in cfg.run_id):
-        raise UserError(f"run_id: '{cfg.run_id}' may hold only letters, digits, '-', '_', '.'")
+
+
+# The range each number can mean (limits.py); positivity is checked first, as POSITIVE.
+INT_BOUNDS = {
+    **dict.fromkeys(("topology.world_size", "topology.tp", "topology.pp"), (1, limits.MAX_WORLD)),
+    **dict.fromkeys(("topology.micro_batches", "workload.batch_size", "parity.samples"),
+                    (1, limits.MAX_BATCH)),
+    **dict.fromkeys(("workload.input_len", "workload.output_len", "parity.tokens"),
+                    (1, limits.MAX_LEN)),
+    **dict.fromkeys(("workload.num_samples", "workload.iterations"), (1, limits.MAX_COUNT)),
+    "workload.warmup": (0, limits.MAX_COUNT),
+}
+SECONDS = ("timeout_s", "engine.comm_timeout_s")
+PATHS = ("output_dir", "workload.dataset", "engine.deepspeed_config", "model.name")
+
+
+def _check_bounds(values: dict) -> None:
+    for key, (low, high) in INT_BOUNDS.items():
+        if values[key] is not None:
+            limits.check_int(key, values[key], low, high)
+    for key in SECONDS:
+        if values[key] != "auto":  # engine.comm_timeout_s: auto (gptbench/watchdog.py)
+            limits.check_float(key, values[key], 0, limits.MAX_SECONDS, low_open=True)
+    limits.check_float("workload.min_duration_s", values["workload.min_duration_s"], 0,
+                       limits.MAX_SECONDS)
+    limits.check_float("workload.max_cv_pct", values["workload.max_cv_pct"], 0, 1e6,
+                       low_open=True)
+    if values["parity.tolerance"] is not None:
+        limits.check_float("parity.tolerance", values["parity.tolerance"], 0, 1e6)
+    limits.check_seed("model.seed", values["model.seed"])
+    if values["engine.threads"] is not None:
+        limits.check_threads("engine.threads", values["engine.threads"])
+    for key in PATHS:
+        if values[key] is not None:
+            limits.check_text(key, values[key])
+    limits.check_path("output_dir", values["output_dir"])
+    if values["run_id"] is not None:
+        limits.check_run_id("run_id", values["run_id"])
+    tokens = values["workload.num_samples"] * values["workload.input_len"]
+    if tokens > limits.MAX_TOKENS_PER_REPLICA:
+        raise UserError(f"workload.num_samples x workload.input_len = {tokens:,} tokens per "
+                        f"replica, more than {limits.MAX_TOKENS_PER_REPLICA:,} (2 GiB of token ids)")

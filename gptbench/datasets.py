@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from gptbench import limits
 from gptbench.errors import UserError
 
 PROMPT_KEYS = ("prompt", "text")
@@ -19,18 +20,21 @@ def _jsonl_objects(path: str):
     """(line number, object) of each non-blank line; UserError naming path:line if bad."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, "
-                                f"got {type(obj).__name__}")
-            yield lineno, obj
+    text = limits.read_text(path, "dataset")
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # an int of > 4300 digits; deep nesting
+            raise UserError(f"{path}:{lineno}: not valid JSON "
+                            f"({(str(e) or type(e).__name__).splitlines()[0][:100]})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, "
+                            f"got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def load_prompts(path: str) -> list[str]:
@@ -123,26 +127,27 @@ def check_make_inputs(out: str, num_samples: int, input_len: int, n_positions: i
             raise UserError(f"--prompts {prompts}: file not found")
         if not os.access(prompts, os.R_OK):
             raise UserError(f"--prompts {prompts}: not readable")
+    limits.check_path("--out", out)
     if os.path.isdir(out):
         raise UserError(f"--out {out} is a directory; name the file to write, e.g. "
                         f"{os.path.join(out, 'bench.jsonl')}")
-    folder = os.path.dirname(os.path.abspath(out))
-    existing = next(p for p in (folder, *_parents(folder)) if os.path.exists(p))
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise UserError(f"--out {out}: cannot create a file under {existing}")
+    if os.path.lexists(out) and not os.path.isfile(out):
+        raise UserError(f"--out {out}: exists and is not a regular file")
+    problem = limits.writable_folder_problem(os.path.dirname(os.path.abspath(out)))
+    if problem:  # probed as `run` probes output_dir: access() says yes to root in /proc
+        raise UserError(f"--out {out}: cannot create a file there: {problem}")
     if num_samples < 1:
         raise UserError(f"--num-samples must be positive, got {num_samples}")
+    limits.check_int("--num-samples", num_samples, 1, limits.MAX_COUNT)
+    limits.check_int("--n-positions", n_positions, 1, limits.MAX_LEN)
     if not 1 <= input_len <= n_positions:
         raise UserError(f"--input-len {input_len} is outside 1..{n_positions}, the model's "
                         f"positions (--n-positions; GPT-2 has {GPT2_POSITIONS})")
+    if num_samples * input_len > limits.MAX_TOKENS_PER_REPLICA:
+        raise UserError(f"--num-samples x --input-len = {num_samples * input_len:,} tokens, "
+                        f"more than {limits.MAX_TOKENS_PER_REPLICA:,} (2 GiB of token ids)")
     if prompts is not None and _looks_like_path(tokenizer) and not os.path.isdir(os.path.expanduser(tokenizer)):
         raise UserError(f"--tokenizer {tokenizer}: no such directory; {OFFLINE_HINT}")
-
-
-def _parents(path: str):
-    while path != os.path.dirname(path):
-        path = os.path.dirname(path)
-        yield path
 
 
 def _looks_like_path(name: str) -> bool:

@@ -1,7 +1,8 @@
 """`gptbench diagnose`: can this machine run the GPU suite, and if not, why not.
 
 Reports the software builds, the driver and GPUs NVML sees, how CUDA_VISIBLE_DEVICES maps
-local device indices to physical GPUs, peer-to-peer access and NVLink between them, and
+local device indices to physical GPUs, peer-to-peer access and NVLink between them, the
+PCIe links, IOMMU and ACS, and whether NCCL will go through host memory (gpulinks.py), and
 whether DeepSpeed's inference kernels can be built. Every probe catches its own failure and
 reports it as a line of text: the diagnosis must not crash on the machines it is for.
 
@@ -161,21 +162,61 @@ def _mapping_line(report: Report, local_index: int, visible: str | None, have_nv
 
 
 def _peer_access(report: Report) -> None:
+    """P2P between every pair of visible GPUs, their link, and NCCL's route (gpulinks)."""
+    from gptbench import gpulinks
+
     count = torch.cuda.device_count()
     if count < 2:
         return
     report.section("peer-to-peer access (torch.cuda.can_device_access_peer)")
+    p2p = {}
     for source in range(count):
         peers = []
         for target in range(count):
             if target == source:
                 continue
             try:
-                access = "yes" if torch.cuda.can_device_access_peer(source, target) else "no"
+                p2p[(source, target)] = torch.cuda.can_device_access_peer(source, target)
+                access = "yes" if p2p[(source, target)] else "no"
             except RuntimeError as error:
+                p2p[(source, target)] = None
                 access = f"unknown ({error})"
             peers.append(f"cuda:{target} {access}")
         report.item(f"cuda:{source} -> " + ", ".join(peers))
+    links, why = gpulinks.topo_matrix()
+    links, why = (_local_links(links, count), why) if links else (None, why)
+    if links is None and why is None:
+        why = "cannot map CUDA's device indices to nvidia-smi's (NVML) indices"
+    iommu, iommu_how = gpulinks.iommu_state()
+    acs, acs_how = gpulinks.acs_state(gpulinks.read_lspci())
+    report.section("links and NCCL's route (nvidia-smi topo -m, IOMMU, PCIe ACS)")
+    report.item(f"links: {'nvidia-smi topo -m' if links else 'null (' + why + ')'}")
+    report.item(f"IOMMU: {_tri(iommu)} ({iommu_how}); ACS: {_tri(acs)} ({acs_how})")
+    lines, advice = gpulinks.route_lines(count, p2p, links, iommu, acs)
+    for line in lines + [f"NOTE: {a}" for a in advice]:
+        report.item(line)
+
+
+def _tri(value) -> str:
+    return {True: "on", False: "off", None: "unknown"}[value]
+
+
+def _local_links(links: dict, count: int) -> dict | None:
+    """nvidia-smi's (NVML index) links in local CUDA indices, or None if unmappable."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        index = [pynvml.nvmlDeviceGetIndex(nvml_handle(physical_gpu_id(i, visible)))
+                 for i in range(count)]
+    except (UserError, pynvml.NVMLError):
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+    return {(i, j): links[(index[i], index[j])] for i in range(count) for j in range(count)
+            if i != j and (index[i], index[j]) in links}
 
 
 def _inference_ops(report: Report) -> None:
@@ -203,19 +244,23 @@ def main(a) -> int:
         return code
     from gptbench import diagnose_comm, results
 
-    try:
-        worlds = tuple(int(x) for x in a.comm_ranks.split(","))
-    except ValueError:
-        raise UserError(f"--comm-ranks: expected world sizes like 2,4, got '{a.comm_ranks}'") from None
+    from gptbench import limits
+
+    worlds = tuple(limits.ascii_int(x.strip()) for x in a.comm_ranks.split(","))
+    if None in worlds:
+        raise UserError(f"--comm-ranks: expected world sizes like 2,4, got '{a.comm_ranks[:40]}'")
+    for world in worlds:  # every world size is that many processes on this machine
+        limits.check_local_ranks("--comm-ranks", world)
     if a.comm_threads is not None and a.comm_threads < 1:
         raise UserError(f"--comm-threads: must be >= 1, got {a.comm_threads}")
-    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if a.comm_threads is not None:
+        limits.check_threads("--comm-threads", a.comm_threads)
+    limits.check_path("--out", a.out)
     if os.path.exists(a.out) and os.path.isdir(a.out):
         raise UserError(f"--out {a.out}: is a directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {a.out}: cannot create {out_dir} ({e.strerror})") from None
+    problem = limits.writable_folder_problem(os.path.dirname(os.path.abspath(a.out)))
+    if problem:
+        raise UserError(f"--out {a.out}: cannot create it: {problem}")
     data = diagnose_comm.measure_comm(worlds, a.comm_threads)
     results.write_json_atomic(a.out, data)
     print(diagnose_comm.format_comm(data), end="")

@@ -78,6 +78,8 @@ def _worker(rank: int, world: int, port: int, backend: str, threads: int, iterat
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
+        # kernel times for the probes (trackers/latency.py), set before the group exists
+        os.environ.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
     torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
                                          rank=rank, world_size=world)
     try:

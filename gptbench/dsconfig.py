@@ -28,8 +28,9 @@ def load(cfg) -> dict:
             data = json.load(f)
     except OSError:
         raise UserError(f"engine.deepspeed_config: file not found: {path}") from None
-    except ValueError as e:
-        raise UserError(f"engine.deepspeed_config: {path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # also: not UTF-8; nested beyond the stack
+        raise UserError(f"engine.deepspeed_config: {path} is not valid JSON "
+                        f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
     if not isinstance(data, dict):
         raise UserError(f"engine.deepspeed_config: {path} must hold a JSON object")
     return data

@@ -116,7 +116,11 @@ def _tensors_bytes(tensors) -> int:
 
 
 def _cache_tensors(caches):
+    """K and V tensors of gptbench's step caches (step.KVCache) or Hugging Face caches."""
     for cache in caches:
+        cache = getattr(cache, "cache", cache)  # the eager pipeline's holder (_HFCache)
+        if hasattr(cache, "k"):
+            yield from (*cache.k, *cache.v)
         for layer in getattr(cache, "layers", []):
             yield from (getattr(layer, "keys", None), getattr(layer, "values", None))
 
@@ -124,7 +128,7 @@ def _cache_tensors(caches):
 def _role_caches(gen) -> list:
     stage = getattr(gen, "stage", None)
     if stage is not None:
-        return [c for c, _ in stage.active]
+        return list(stage.active)
     caches = list(getattr(gen, "caches", {}).values())
     return caches or [c for c in [getattr(gen, "cache", None)] if c is not None]
 
@@ -148,7 +152,7 @@ def _time_stage(gen, plan, batches) -> tuple[list[float], list[float]]:
     d = plan.model_dims["n_embd"]
 
     def inputs(tokens: int):
-        if stage.embed is not None:  # token ids (mb, T)
+        if stage.role.is_first:  # token ids (mb, T)
             return [ids[k * mb:(k + 1) * mb, :tokens] for k in range(m)]
         return [torch.randn((mb, tokens, d), dtype=plan.dtype, device=plan.device)
                 for _ in range(m)]  # hidden states (mb, T, d)
@@ -195,7 +199,8 @@ def build_role(plan, role: Role):
     ctx = RankContext(cfg=plan.cfg, grid=grid, rank=role.rank, device=device, dtype=plan.dtype,
                       model=model, tp_group=tp_group, tp_ranks=tp_ranks,
                       info={"micro_batches": plan.micro_batches, "params": params,
-                            "compile_mode": plan.compile_mode})
+                            "compile_mode": plan.compile_mode,
+                            "inductor": worker.inductor_options(plan)})
     gen = REGISTRY[plan.cfg.strategy](ctx)
     del model, ctx.model
     gc.collect()
@@ -212,9 +217,12 @@ def warm_up(gen, plan, ids) -> None:
     from gptbench import runner
     from gptbench.compiled import WARMUP_CALLS
 
+    from gptbench import worker
+    from gptbench.compiled import compiling
+
     if plan.compile_mode == "off":
         return
-    with torch.no_grad():
+    with torch.no_grad(), compiling(worker.inductor_options(plan)):
         if hasattr(gen, "stage"):
             gen.precompile(ids)
             return
@@ -225,7 +233,8 @@ def warm_up(gen, plan, ids) -> None:
 def time_role(plan, role: Role) -> dict:
     """Build `role`, compile it as the run would, time it. Returns its compute (ms) and
     memory."""
-    from gptbench.compiled import CompileStats, snapshot
+    from gptbench import worker
+    from gptbench.compiled import CompileStats, compiling, measuring, snapshot
 
     device = plan.device
     gen, info, params = build_role(plan, role)
@@ -238,7 +247,9 @@ def time_role(plan, role: Role) -> dict:
     warmup_wall_s = time.perf_counter() - wall
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    prefill, decode = (_time_stage if pipeline else _time_engine)(gen, plan, batches)
+    options = worker.inductor_options(plan)
+    with compiling(options), measuring(options):  # as the worker measures a compiled run
+        prefill, decode = (_time_stage if pipeline else _time_engine)(gen, plan, batches)
     tensors = list(gen.module.parameters()) + list(gen.module.buffers())
     shard_bytes = _tensors_bytes(tensors) + _tensors_bytes(_cache_tensors(_role_caches(gen)))
     if device.type == "cuda":

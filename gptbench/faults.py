@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from gptbench import limits
 from gptbench.errors import UserError
 
 POINTS = ("load", "prefill", "decode")
@@ -36,6 +37,7 @@ def parse(spec: str | None) -> Fault | None:
     """The fault of a GPTBENCH_FAULT value; None when unset or empty."""
     if spec is None or not spec.strip():
         return None
+    limits.check_text(ENV, spec, max_len=200)  # one line of ASCII-sized fields
     fields = {}
     for part in spec.split(","):
         key, sep, value = part.partition("=")
@@ -49,13 +51,15 @@ def parse(spec: str | None) -> Fault | None:
     missing = [k for k in FIELDS if k not in fields]
     if missing:
         raise UserError(f"{ENV}='{spec}': missing '{missing[0]}' (expected rank=R,at=POINT,kind=KIND)")
-    if not fields["rank"].isdigit():
-        raise UserError(f"{ENV}: rank='{fields['rank']}' is not a rank number (0, 1, ...)")
+    rank = limits.ascii_int(fields["rank"])  # isdigit() says yes to '²', which int() refuses
+    if rank is None or rank >= limits.MAX_WORLD:
+        raise UserError(f"{ENV}: rank='{fields['rank'][:20]}' is not a rank number "
+                        f"(0, 1, ... below {limits.MAX_WORLD})")
     if fields["at"] not in POINTS:
         raise UserError(f"{ENV}: at='{fields['at']}' is not one of {', '.join(POINTS)}")
     if fields["kind"] not in KINDS:
         raise UserError(f"{ENV}: kind='{fields['kind']}' is not one of {', '.join(KINDS)}")
-    return Fault(rank=int(fields["rank"]), at=fields["at"], kind=fields["kind"])
+    return Fault(rank=rank, at=fields["at"], kind=fields["kind"])
 
 
 class Injector:

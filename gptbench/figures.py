@@ -1,14 +1,16 @@
 """The record's figures derived from every rank's measurements: the time breakdown and the
 pipeline bubble (results.aggregate_metrics calls `profile_metrics`), the roofline, the
-model's memory per rank and the predicted TPOT (the worker calls `model_metrics`).
+model's memory per rank and the predicted TPOT (the worker calls `model_metrics`), the
+timed passes, per-batch figures, their intervals, the energy and the run's validity (the
+worker calls `quality_metrics`).
 """
 from __future__ import annotations
 
 import statistics
 
-from gptbench import sharding
+from gptbench import sharding, stats
 from gptbench.measure import run_layout
-from gptbench.trackers import breakdown, latency
+from gptbench.trackers import breakdown, energy, latency
 
 
 def _latency_entries(lay: sharding.Layout, ranks: list[dict]) -> list[dict]:
@@ -48,6 +50,8 @@ def profile_metrics(ranks: list[dict], grid, micro_batches: int, reasons: dict) 
                             "(tracked collectives would split its graphs)")
     out["time_breakdown"] = block
     out["comm_fraction"] = block["communication"]
+    if block["communication"] is None:  # e.g. NCCL gave no kernel times
+        reasons["metrics.comm_fraction"] = block["source"]
     out["comm_fraction_per_rank"] = [f["communication"] for f in block["per_rank"]]
     if grid.pp == 1:
         reasons["metrics.bubble_fraction"] = "no pipeline (pp=1)"
@@ -99,13 +103,15 @@ def roofline(plan, lay: sharding.Layout, metrics: dict, env: dict):
 
 
 def rank_step_compute_s(profile: dict, phase: dict, timed_tpot_s: list | None = None) -> float:
-    """A rank's compute in its median decode step. With `timed_tpot_s` (unpipelined rows:
-    every timed decode step of the rank, compiled where the run is), their median less the
-    profiled median step's time in collectives and waiting: many steps of the program
-    timed, not one profiled batch. Else, where the profiled batch ran eagerly (a compiled
-    tensor-parallel row: tracked collectives would split its graphs), the compiled
-    program's own step time (a second, untracked batch) less the eager step's time in
-    collectives; else the profiled median step's compute."""
+    """A rank's compute in its median decode step. Where the profiled batch ran eagerly
+    (a compiled tensor-parallel row: tracked collectives would split its graphs), the
+    compiled program's own whole step time, its collectives included: the median of its
+    timed steps (`timed_tpot_s`, unpipelined rows) or of a second, untracked batch; the
+    eager batch's communication is another program's (synced, unfused) and is not
+    subtracted from it, and `predicted` then adds no latency on top. Else, with
+    `timed_tpot_s`, their median less the profiled median step's time in collectives and
+    waiting (many steps of the program timed, not one profiled batch); else the profiled
+    median step's compute."""
     median = phase["decode_step_median"]
     if timed_tpot_s:
         return max(0.0, statistics.median(timed_tpot_s) - median["communication_s"]
@@ -114,9 +120,8 @@ def rank_step_compute_s(profile: dict, phase: dict, timed_tpot_s: list | None = 
     if not marks:
         return median["compute_s"]
     steps = [b - a for a, b in zip(marks[1:], marks[2:])]
-    per_step = statistics.median(steps) if len(steps) == profile["decode_steps"] else (
+    return statistics.median(steps) if len(steps) == profile["decode_steps"] else (
         (marks[-1] - marks[1]) / profile["decode_steps"])
-    return max(0.0, per_step - median["communication_s"] - median["waiting_s"])
 
 
 def stage_compute_s(ranks: list[dict], grid, phases: list[dict]) -> list[float]:
@@ -163,7 +168,12 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
                       "(trackers/latency.py, as gptbench diagnose --comm): from the last "
                       "participant's issue to the return, median of 20")
     seen = sum(sum((f["decode_step_calls"] or {}).values()) for f in block["per_rank"])
-    if lay.collectives() and not seen:
+    compiled_marks = any(r["profile"].get("compiled_marks_s") for r in ranks)
+    if lay.collectives() and compiled_marks:
+        lookup = lambda *a: 0.0  # noqa: E731
+        latency_source = ("none added: the compiled step's measured time holds its own "
+                          "collectives (the eagerly profiled batch's are another program's)")
+    elif lay.collectives() and not seen:
         # e.g. collectives replayed inside CUDA graphs: their time is in the compute term
         lookup = lambda *a: 0.0  # noqa: E731
         latency_source = ("none added: the profiled batch saw no collective (inside CUDA "
@@ -177,11 +187,9 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
                         "collectives and waiting; pipelines, time outside collectives in the "
                         "profiled batch's median decode step (a stage's slowest tensor rank, "
                         "mean over replicas), taken as given, whatever the engine; "
-                        + ("a compiled tensor-parallel row: the eager profiled step's "
-                           "time in collectives is subtracted from "
-                           + ("the timed compiled steps" if grid.pp == 1
-                              else "a compiled batch's step time")
-                           if any(r["profile"].get("compiled_marks_s") for r in ranks)
+                        + ("a compiled tensor-parallel row: the compiled program's whole "
+                           "step time, its collectives included"
+                           if compiled_marks
                            else "the profiled batch ran the timed program")),
         latency_source=latency_source)
     out["latencies"] = entries
@@ -195,3 +203,108 @@ def predicted(lay: sharding.Layout, grid, ranks: list[dict], metrics: dict,
     ttft = (metrics.get("ttft_ms") or {}).get("p50")
     out["measured_ttft_over_predicted"] = ttft / out["ttft_ms"] if ttft and out["ttft_ms"] else None
     return out, None
+
+
+def _compact(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def batch_figures(ranks: list[dict]) -> dict:
+    """One entry per timed batch of the run (a batch index: every replica's batch of that
+    index ran together, between two barriers): tokens of all replicas, wall seconds of the
+    slowest rank, TTFT and TPOT values pooled over the replicas."""
+    outputs = [r for r in ranks if r["is_output"]]
+    per_pass = ranks[0]["batches_per_pass"]
+    n = len(ranks[0]["e2e_s"])
+    tokens = [sum(r["iteration_tokens"][j // per_pass] // per_pass for r in outputs)
+              for j in range(n)]
+    wall = [max(r["e2e_s"][j] for r in ranks) for j in range(n)]
+    ttft = [[x * 1e3 for r in outputs for x in r["batch_ttft_s"][j]] for j in range(n)]
+    tpot = [[x * 1e3 for r in outputs for x in r["batch_tpot_s"][j]] for j in range(n)]
+    return {"tokens": tokens, "wall_s": wall, "ttft_ms": ttft, "tpot_ms": tpot}
+
+
+def intervals(metrics: dict, figures: dict, reasons: dict) -> dict | None:
+    """`metrics.intervals`: 95 % bootstrap intervals over the timed batches of throughput
+    (the ratio tokens / seconds, resampled, scaled to the run's throughput: the batches'
+    walls leave out the barriers between them), TTFT p50 and TPOT p50."""
+    n = len(figures["wall_s"])
+    if n < 2:
+        reasons["metrics.intervals"] = f"needs at least 2 timed batches, the run has {n}"
+        return None
+    factors = stats.ratio_factors(figures["tokens"], figures["wall_s"])
+    out = {"method": stats.METHOD, "confidence": stats.CONFIDENCE,
+           "resamples": stats.RESAMPLES, "seed": stats.SEED, "batches": n,
+           "throughput_tokens_per_s": [metrics["throughput_tokens_per_s"] * f
+                                       for f in stats.percentile_interval(factors)]}
+    for key in ("ttft_ms", "tpot_ms"):
+        groups = figures[key]
+        if not any(groups):
+            out[f"{key}_p50"] = None
+            reasons[f"metrics.intervals.{key}_p50"] = "no values (output_len 1 has no decode step)"
+            continue
+        out[f"{key}_p50"] = stats.percentile_interval(stats.pooled_percentile_bootstrap(groups, 50))
+    return out
+
+
+def validity(cfg, grid, ranks: list[dict], metrics: dict) -> dict:
+    """`metrics.validity`: "valid", or "invalid" with every reason found."""
+    w = cfg.workload
+    why, checks = [], {}
+    asked = w.iterations * w.num_samples * grid.dp * w.output_len
+    checks["timed_tokens"] = {"generated": metrics["generated_tokens"], "asked": asked}
+    if metrics["generated_tokens"] < asked:
+        why.append(f"{metrics['generated_tokens']} timed tokens, fewer than the {asked} asked "
+                   "(iterations x num_samples x replicas x output_len)")
+    passes = metrics["timed_passes"]
+    if passes["stopped_by"] == "timeout_bound":
+        why.append(f"timed passes stopped at the timeout bound (half of timeout_s) after "
+                   f"{passes['wall_s']:.1f} s, short of workload.min_duration_s={w.min_duration_s:g}")
+    cv = metrics.get("throughput_cv_pct")
+    checks["throughput_cv_pct"] = {"value": cv, "max": w.max_cv_pct}
+    if cv is not None and cv > w.max_cv_pct:
+        why.append(f"pass-to-pass throughput CV {cv:.1f} % above workload.max_cv_pct "
+                   f"{w.max_cv_pct:g} %")
+    graphs = [r.get("graphs_in_timed_passes") for r in ranks]
+    checks["graphs_in_timed_passes"] = None if None in graphs else max(graphs)
+    if checks["graphs_in_timed_passes"]:
+        why.append(f"{checks['graphs_in_timed_passes']} graph(s) compiled inside the timed "
+                   "passes: the timings include compilation")
+    hosts: dict = {}
+    for r in ranks:
+        loads = [x for x in r.get("load_avg_1m") or [] if x is not None]
+        host = hosts.setdefault(r.get("host"), {"load_avg_1m_max": None, "cpu_count": r.get("cpu_count"),
+                                                "ranks": 0})
+        host["ranks"] += 1
+        if loads:
+            host["load_avg_1m_max"] = max(loads + [host["load_avg_1m_max"] or 0.0])
+    checks["load"] = [{"host": h, **v} for h, v in hosts.items()]
+    for h, v in hosts.items():
+        if v["load_avg_1m_max"] is not None and v["cpu_count"] and v["load_avg_1m_max"] > v["cpu_count"]:
+            why.append(f"load average {v['load_avg_1m_max']:g} on {h} with {v['cpu_count']} CPUs "
+                       "at the edges of the timed passes: more runnable threads than cores, "
+                       "the run shared its cores")
+    return {"verdict": "invalid" if why else "valid", "reasons": why, "checks": checks}
+
+
+def quality_metrics(plan, ranks: list[dict], metrics: dict, reasons: dict) -> None:
+    """Fill `timed_passes`, `batches` (compact), `intervals`, `energy` and `validity` in
+    `metrics` (the worker calls this once the per-rank metrics are aggregated)."""
+    w = plan.cfg.workload
+    first = ranks[0]["timed_passes"]
+    metrics["timed_passes"] = {"count": first["count"], "wall_s": metrics["timed_wall_s"],
+                               "min_iterations": w.iterations, "min_duration_s": w.min_duration_s,
+                               "stopped_by": first["stopped_by"],
+                               "per_rank_count": [r["timed_passes"]["count"] for r in ranks]}
+    figures = batch_figures(ranks)
+    metrics["batches"] = {
+        "tokens": figures["tokens"], "wall_s": [_compact(x) for x in figures["wall_s"]],
+        **{f"{key}_p50": [_compact(stats.percentile(sorted(g), 50)) if g else None
+                          for g in figures[key]] for key in ("ttft_ms", "tpot_ms")},
+        "source": "per timed batch: tokens of all replicas, the slowest rank's seconds, "
+                  "the batch's TTFT and TPOT p50 over replicas"}
+    metrics["intervals"] = intervals(metrics, figures, reasons)
+    metrics["energy"], why = energy.energy_block(ranks, metrics["generated_tokens"])
+    if why:
+        reasons["metrics.energy"] = why
+    metrics["validity"] = validity(plan.cfg, plan.grid, ranks, metrics)

@@ -14,10 +14,12 @@ import re
 import socket
 from dataclasses import dataclass
 
+from gptbench import limits
 from gptbench.errors import UserError
 
 # DeepSpeed's own pattern for a hostfile line (launcher/runner.py: _parse_hostfile).
-LINE = re.compile(r"^(\S+)\s+slots=(\d+)")
+# ASCII digits only: `\d` also matches other scripts' digits, which DeepSpeed's int() reads.
+LINE = re.compile(r"^(\S+)\s+slots=([0-9]+)", re.ASCII)
 # torch.distributed's and DeepSpeed's default rendezvous port: what a firewall between real
 # hosts is opened for. A loopback layout picks a free port instead (several runs at once).
 DEFAULT_MASTER_PORT = 29500
@@ -28,23 +30,32 @@ def read_hostfile(path: str) -> tuple[tuple[str, int], ...]:
     if not os.path.isfile(path):
         raise UserError(f"--hostfile: {path} not found")
     hosts: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            match = LINE.match(text)
-            if not match:
-                raise UserError(f"{path}:{number}: expected 'HOST slots=N', got {text!r}")
-            host, slots = match.group(1), int(match.group(2))
-            if slots < 1:
-                raise UserError(f"{path}:{number}: {host} has slots={slots}; each host needs "
-                                f"at least one slot")
-            if host in hosts:
-                raise UserError(f"{path}:{number}: host {host} is listed twice")
-            hosts[host] = slots
+    text_of_file = limits.read_text(path, "--hostfile", limits.MAX_CONFIG_BYTES)
+    for number, line in enumerate(text_of_file.splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        match = LINE.match(text)
+        if not match:
+            raise UserError(f"{path}:{number}: expected 'HOST slots=N', got {text[:80]!r}")
+        host, digits = match.group(1), match.group(2)
+        slots = limits.ascii_int(digits)
+        if slots is None or slots > limits.MAX_SLOTS_PER_HOST:
+            raise UserError(f"{path}:{number}: {host[:80]} has slots={digits[:20]}; at most "
+                            f"{limits.MAX_SLOTS_PER_HOST} per host")
+        if slots < 1:
+            raise UserError(f"{path}:{number}: {host[:80]} has slots={slots}; each host needs "
+                            f"at least one slot")
+        if len(host) > 253 or any(ord(c) < 33 or ord(c) == 127 for c in host):
+            raise UserError(f"{path}:{number}: {host[:80]!r} is not a host name or address")
+        if host in hosts:
+            raise UserError(f"{path}:{number}: host {host} is listed twice")
+        hosts[host] = slots
     if not hosts:
         raise UserError(f"{path}: no hosts (expected lines 'HOST slots=N')")
+    total = sum(hosts.values())
+    if total > limits.MAX_WORLD:
+        raise UserError(f"{path}: {total:,} slots in all, at most {limits.MAX_WORLD:,} ranks")
     return tuple(hosts.items())
 
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import psutil
 
-from gptbench import faults, multinode, progress, results
-from gptbench.config import RunConfig, load_config
+from gptbench import faults, limits, multinode, progress, results
+from gptbench.config import RunConfig, load_config, set_pair
 from gptbench.errors import NotApplicable, UserError
 from gptbench.hostfile import load_layout
 from gptbench.rankwatch import RankWatch, watchdog_error
@@ -38,6 +38,16 @@ WAITING = re.compile(r"timed out|timeout|connection (closed|reset)|broken pipe|p
 # Gloo prefixes its messages with its source location: noise in a one-line error.
 SOURCE_LOCATION = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
 GRACE_S = 10.0  # SIGTERM to SIGKILL
+# What every rank gets unless the caller's environment says otherwise. CUDA numbers GPUs
+# fastest first, NVML and nvidia-smi by PCI bus: on a machine with mixed GPUs cuda:1 would
+# not be NVML's GPU 1 (the utilisation sampler would read another card), nor what
+# CUDA_VISIBLE_DEVICES=1 means to someone reading nvidia-smi.
+RANK_ENV_DEFAULTS = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def rank_environment(env: dict) -> dict:
+    """`env` with RANK_ENV_DEFAULTS filled in where it has none."""
+    return {**RANK_ENV_DEFAULTS, **env}
 
 
 def deepspeed_command(config_path: str | None, overrides: list[str], world: int,
@@ -84,14 +94,17 @@ class Prepared:
 
 
 def prepare(config_path: str | None, overrides: list[str], ranks: int | None = None,
-            fault_spec: str | None = None) -> Prepared:
+            fault_spec: str | None = None, on_hosts: bool = False) -> Prepared:
     """Everything checked before anything starts; UserError (exit 2) for bad input.
 
-    `fault_spec` (GPTBENCH_FAULT) is checked against this run's ranks when given."""
+    `fault_spec` (GPTBENCH_FAULT) is checked against this run's ranks when given.
+    `on_hosts`: the ranks are a hostfile's slots (checked there), not processes here."""
     if ranks is not None and ranks < 1:
         raise UserError(f"--ranks: must be positive, got {ranks}")
     cfg = load_config(config_path, overrides)
     world = ranks or cfg.topology.world_size or 1
+    if not on_hosts:
+        limits.check_local_ranks("--ranks" if ranks else "topology.world_size", world)
     fault = faults.parse(fault_spec)
     if fault is not None and fault.rank >= world:
         raise UserError(f"{faults.ENV}: rank={fault.rank}, but this run has {world} rank(s) "
@@ -138,12 +151,13 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     `hostfile`: run on its hosts through DeepSpeed's multi-node launcher (multinode.py).
     `refuse_not_applicable` (a single `gptbench run`): a grid that cannot be formed is bad
     input (UserError, nothing written); a suite records it as `not_applicable` instead."""
-    env = {**os.environ, **(env or {})}
+    env = rank_environment({**os.environ, **(env or {})})
     fault_spec = env.get(faults.ENV) or None
     faults.parse(fault_spec)
     layout = load_layout(hostfile, ranks) if hostfile else None
     ranks = layout.world_size if layout else ranks
-    p = prepare(config_path, overrides, ranks, fault_spec if check_fault_rank else None)
+    p = prepare(config_path, overrides, ranks, fault_spec if check_fault_rank else None,
+                on_hosts=layout is not None)
     cfg, world, run_id = p.cfg, p.world, p.run_id
     path = results.run_path(cfg.output_dir, run_id)
     if p.not_applicable and refuse_not_applicable:
@@ -153,15 +167,19 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
         results.write_json_atomic(path, record)
         return record
     env[progress.ENV] = os.path.join(cfg.output_dir, "runs", ".ranks", f"{run_id}.progress")
-    if layout:  # before the command: the multi-node path forwards the environment as it is
-        cmd, env = multinode.launch_command(layout, ENTRY, config_path, list(overrides) + [
-            f"run_id={run_id}"], cfg.output_dir, run_id, env)
-    else:
-        visible = env.get("CUDA_VISIBLE_DEVICES") if p.device_type == "cuda" else None
-        cmd = deepspeed_command(config_path, list(overrides) + [f"run_id={run_id}"], world, visible)
-    _clear_previous(cfg.output_dir, run_id, world)
-    started = time.time()
-    log = open(log_path, "wb") if log_path else None
+    try:
+        if layout:  # before the command: the multi-node path forwards the environment as is
+            cmd, env = multinode.launch_command(layout, ENTRY, config_path, list(overrides) + [
+                set_pair("run_id", run_id)], cfg.output_dir, run_id, env)
+        else:
+            visible = env.get("CUDA_VISIBLE_DEVICES") if p.device_type == "cuda" else None
+            cmd = deepspeed_command(config_path, list(overrides) + [set_pair("run_id", run_id)],
+                                    world, visible)
+        _clear_previous(cfg.output_dir, run_id, world)
+        started = time.time()
+        log = open(log_path, "wb") if log_path else None
+    except OSError as e:  # after the checks, before any rank: still a record, in one line
+        return not_started(cfg, world, run_id, e)
     # The output passes through the watch (to the log or the console): it is where torch's
     # NCCL watchdog says which collective timed out before it aborts a rank.
     watch = RankWatch(ENTRY, world, sink=log)
@@ -188,6 +206,20 @@ def run(config_path: str | None, overrides: list[str], ranks: int | None = None,
     record = finalize(cfg, run_id, world, proc.returncode, timed_out, time.time() - started,
                       watch)
     return multinode.annotate(record, layout, path) if layout else record
+
+
+def not_started(cfg, world: int, run_id: str, error: OSError) -> dict:
+    """The `failed` record of a run that could not start (a path, a permission); when even
+    the record cannot be written, UserError: one line, exit 2."""
+    line = (f"could not start: {error.strerror or error}"
+            + (f": {error.filename}" if error.filename else ""))
+    record = results.unfinished(cfg, world, run_id, "failed", line, None)
+    try:
+        results.write_json_atomic(results.run_path(cfg.output_dir, run_id), record)
+    except OSError as e:
+        raise UserError(f"output_dir: {line}; the record cannot be written either "
+                        f"({e.strerror})") from None
+    return record
 
 
 def group_members(pgid: int) -> list[psutil.Process]:

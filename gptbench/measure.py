@@ -2,25 +2,28 @@
 (gptbench/figures.py turns the gathered ranks into the record's derived figures).
 
 The time breakdown is taken on a separate profiled batch after the timed iterations: its
-tracker synchronises the device around every collective, which would perturb the timed
-numbers on a GPU. After it, the latency of each kind of collective the run makes is
+tracker (trackers/comm.py) wraps every collective, on CPU in device syncs, on CUDA issuing
+it non-blocking to read its NCCL kernel time, which would perturb the timed numbers. After it, the latency of each kind of collective the run makes is
 probed on the run's own groups (trackers/latency.py), for the predicted TPOT.
 The pipeline's per-stage busy time (PipeState.profile / busy_s) is taken on that same batch.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import statistics
 import time
 
 import torch
 
 from gptbench import parity, progress, runner, sharding
-from gptbench.trackers import latency
+from gptbench.compiled import CompileStats, snapshot
+from gptbench.trackers import decode_profile, energy, latency
 from gptbench.trackers.comm import CommTracker
 from gptbench.trackers.gpu_util import sampler_for
 from gptbench.trackers.memory import MemoryTracker
-from gptbench.trackers.timing import synchronize
+from gptbench.trackers.timing import Stamps
 
 
 def _barrier():
@@ -48,7 +51,6 @@ def run_layout(plan) -> sharding.Layout:
 
 def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) -> dict:
     cfg, device = plan.cfg, plan.device
-    sync = lambda: synchronize(device)  # noqa: E731
     out: dict = {"rank": rank, "coords": list(plan.grid.coords(rank)), "parity": None}
 
     with torch.no_grad():
@@ -61,13 +63,18 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
 
         memory = MemoryTracker(device)
         sampler = sampler_for(device)  # only the GPU this rank uses; none on CPU
+        region = TimedRegion(energy.meter_for(device))
         memory.reset()
         sampler.start()
         progress.phase("warm-up")
-        barrier = progress.counting_barrier(_barrier, len(batches), cfg.workload.iterations)
+        barrier = region.starting(
+            progress.counting_barrier(_barrier, len(batches), cfg.workload.iterations))
+        rule = ContinueRule(cfg.workload.min_duration_s, pass_deadline(cfg.timeout_s), device)
         timing = runner.run_timed(gen, batches, cfg.workload.output_len,
                                   cfg.workload.iterations, cfg.workload.warmup,
-                                  barrier=barrier, sync=sync, hook=inject)
+                                  barrier=barrier, device=device, hook=inject,
+                                  keep_going=rule if cfg.workload.min_duration_s > 0 else None)
+        region.stop()
         sampler.stop()
         memory.stop()
 
@@ -75,6 +82,11 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             ttft_s=[x for b in timing.batches for x in b.ttfts_s],
             tpot_s=[x for b in timing.batches for x in b.tpot_s],
             e2e_s=[b.e2e_s for b in timing.batches],
+            batch_ttft_s=[b.ttfts_s for b in timing.batches],
+            batch_tpot_s=[b.tpot_s for b in timing.batches],
+            batches_per_pass=len(batches),
+            timed_passes={"count": len(timing.iteration_wall_s), "stopped_by": rule.stopped_by},
+            **region.facts(),
             iteration_wall_s=timing.iteration_wall_s,
             iteration_tokens=timing.iteration_tokens,
             timed_wall_s=timing.timed_wall_s,
@@ -82,9 +94,15 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
             decode_input_lens=sorted(timing.decode_input_lens),
             peak_memory_bytes=memory.peak_bytes(),
             peak_reserved_bytes=memory.peak_reserved_bytes(),
+            device_used_bytes=memory.device_used_bytes(),
             memory_kind=memory.kind,
         )
         out["gpu_util_pct"], out["gpu_util_reason"] = sampler.result()
+        out["energy"], out["energy_reason"] = region.meter.result()
+        progress.phase("profiling decode steps")
+        out["decode_profile"], out["decode_profile_reason"] = decode_profile.profile(
+            gen, batches[0], device, decode_floor_s(plan),
+            statistics.median(out["tpot_s"]) if out["tpot_s"] else None)
         if cfg.engine.profile_comm:
             progress.phase("profiling one batch")
             # The tracker wraps DeepSpeed's collectives in timed Python calls; inside a
@@ -104,24 +122,111 @@ def measure_rank(gen, batches, probe, ref, plan, rank: int, inject, info: dict) 
     return out
 
 
-def batch_marks(gen, ids, output_len: int, device) -> tuple[list[float], int]:
-    """Run one batch; return (marks, decode steps): the batch's start, the end of the
-    prefill (the start of the decode), then the end of each decode step, or only the
-    batch's end where the generator runs its own loop (`generate_timed`: the in-flight
-    pipeline, where micro-batches are at different steps; Hugging Face `generate`)."""
-    readings: list[float] = []
-    decode_hooks: list[float] = []
+class TimedRegion:
+    """What is read at the edges of the timed passes (after the warm-up, at the first timed
+    barrier; after the last pass): the GPU's energy counter, the load average, torch's
+    compile counters."""
 
-    def clock() -> float:  # generate_batch reads: start, after prefill, after each step
-        readings.append(time.perf_counter())
-        return readings[-1]
+    def __init__(self, meter: energy.EnergyMeter):
+        self.meter = meter
+        self.load_avg_1m: list[float | None] = []
+        self._compile = None
+
+    def starting(self, barrier):
+        """`barrier`, which opens the region on its first call."""
+        def first_then_barrier():
+            if self._compile is None:
+                self._compile = snapshot()
+                self.load_avg_1m.append(_load_avg_1m())
+                self.meter.start()
+            barrier()
+        return first_then_barrier
+
+    def stop(self) -> None:
+        self.meter.stop()
+        self.load_avg_1m.append(_load_avg_1m())
+
+    def facts(self) -> dict:
+        graphs = CompileStats.since(self._compile).graphs if self._compile else None
+        return {"load_avg_1m": self.load_avg_1m, "cpu_count": os.cpu_count(),
+                "graphs_in_timed_passes": graphs}
+
+
+def _load_avg_1m() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def pass_deadline(timeout_s: float) -> float:
+    """Wall-clock time (time.time()) after which no timed pass is added for
+    workload.min_duration_s: half of timeout_s after this rank's process started, leaving
+    the rest for the profiled batch and the record."""
+    import psutil
+
+    return psutil.Process().create_time() + timeout_s / 2
+
+
+class ContinueRule:
+    """`keep_going` for runner.run_timed: another pass while this rank's timed passes add
+    up to less than `min_duration_s`, unless that pass would end after `deadline`. The
+    decision is collective: one all-reduce (MAX) of two flags over the world group per
+    pass, so every rank runs the same number of passes and none waits in a barrier that
+    the others have left. (DeepSpeed's CPU shm all-reduce, which ignores groups, is off;
+    the world group would be right for it anyway.)"""
+
+    def __init__(self, min_duration_s: float, deadline: float, device, clock=time.time):
+        self.min_duration_s, self.deadline = min_duration_s, deadline
+        self.device, self.clock = device, clock
+        self.stopped_by = "iterations"  # iterations | min_duration | timeout_bound
+        self.added = 0  # passes added beyond the iterations
+
+    def __call__(self, timing) -> bool:
+        short = timing.timed_wall_s < self.min_duration_s
+        late = self.clock() + timing.iteration_wall_s[-1] > self.deadline
+        flags = torch.tensor([float(short), float(late)], device=self.device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        short, late = bool(flags[0]), bool(flags[1])
+        if not short:
+            self.stopped_by = "min_duration" if self.added else "iterations"
+        elif late:
+            self.stopped_by = "timeout_bound"
+        self.added += short and not late
+        return short and not late
+
+
+def decode_floor_s(plan) -> float | None:
+    """Seconds this run's slowest rank needs per decode step to read its bytes at the
+    device's bandwidth (gptbench/roofline.py), where the device is known."""
+    from gptbench.roofline import match_device
+
+    if plan.device.type != "cuda":
+        return None
+    spec = match_device(torch.cuda.get_device_name(plan.device))
+    if spec is None:
+        return None
+    lay = run_layout(plan)
+    return lay.decode_step_bytes(lay.slowest()) / spec.memory_bandwidth_bytes_per_s
+
+
+def batch_marks(gen, ids, output_len: int, device) -> tuple[list[float], int]:
+    """Run one batch; return (marks, decode steps): host clock readings of the batch's start,
+    the end of the prefill (the start of the decode), then the end of each decode step, or
+    only the batch's end where the generator runs its own loop (`generate_timed`: the
+    in-flight pipeline, where micro-batches are at different steps; Hugging Face
+    `generate`). Host readings (trackers/timing.py Stamps in host mode, on every device):
+    they are aligned with the collectives the profiled batch logs."""
+    stamps = Stamps(device, host=True)
+    decode_hooks: list[float] = []
 
     def hook(point: str) -> None:  # the in-flight schedule calls "decode" once, at step 1
         if point == "decode":
             decode_hooks.append(time.perf_counter())
 
-    _, _, timing = runner.generate_batch(gen, ids, output_len, clock=clock,
-                                         sync=lambda: synchronize(device), hook=hook)
+    _, _, timing = runner.generate_batch(gen, ids, output_len, stamps, hook=hook)
+    readings = stamps.readings  # every rank takes at least its start and its end
     if not hasattr(gen, "generate_timed"):
         return readings, output_len - 1
     start, end = readings[0], readings[-1]
@@ -149,6 +254,7 @@ def _profile(gen, ids, output_len: int, device, info: dict) -> dict:
             "decode_steps": steps, "output_len": output_len,
             "calls": [c.as_list() for c in comm.log],
             "comm_by_op": {k: vars(v) for k, v in comm.by_op.items()},
+            "comm_timing": comm.method, "comm_timing_error": comm.timing_error,
             "busy_s": state.busy_s if state is not None else None}
 
 

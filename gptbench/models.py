@@ -101,14 +101,24 @@ def load_model(name: str, weights: str, preset: str | None, dtype: torch.dtype,
     if weights == "pretrained":
         model = GPT2LMHeadModel.from_pretrained(os.path.expanduser(name), dtype=dtype)
     else:
-        config = gpt2_config(name, preset, tie_embeddings)
-        torch.manual_seed(seed)
-        # Built on the target device and in the run's dtype directly: an fp32 GPT-2 XL
-        # first would hold 6.4 GB per rank before the cast.
-        with torch.device(device):
-            model = GPT2LMHeadModel._from_config(config, dtype=dtype)
+        model = random_model(gpt2_config(name, preset, tie_embeddings), dtype, seed)
     model = model.to(device=device, dtype=dtype).eval()
     model.generation_config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def random_model(config, dtype: torch.dtype, seed: int):
+    """A seeded random-weight model, always drawn on the CPU in the run's dtype.
+
+    The CPU generator gives the same numbers on every machine; a CUDA device's generator
+    does not (its kernels' launch shapes depend on the card), so ranks on mixed GPUs built
+    there would hold different weights. In the run's dtype directly: an fp32 GPT-2 XL would
+    first hold 6.4 GB per rank before the cast. The caller moves it to its device."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = GPT2LMHeadModel._from_config(config, dtype=dtype)
     return model
 
 

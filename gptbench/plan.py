@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from gptbench.errors import NotApplicable, UserError
-from gptbench import sharding
+from gptbench import limits, sharding
 from gptbench.roofline import (DEVICES, GiB, ModelDims, custom_device, dtype_bytes,
                                gpt2_params, layout_bound_s, match_device, predict_tpot)
 from gptbench.topology import applicable_grids, check_schedule, micro_batches
@@ -154,9 +154,9 @@ def latency_table(comm_latency_us: float | None = None, comm_file: str | None = 
         with open(comm_file, encoding="utf-8") as f:
             data = json.load(f)
         entries = data["entries"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise UserError(f"--comm-file {comm_file}: not a `gptbench diagnose --comm` file "
-                        f"({type(e).__name__}: {e})") from None
+                        f"({type(e).__name__}: {(str(e) or '-').splitlines()[0][:160]})") from None
     source = f"{comm_file} ({data.get('backend')}, measured {data.get('measured_at')})"
     return LatencyTable(entries).lookup_us, source
 
@@ -169,6 +169,8 @@ def plan(model_name_or_preset: str, gpus: int, gpu: str | None = "rtx3080",
          comm_file: str | None = None, tied_embeddings: bool = True) -> list[PlanRow]:
     """One PlanRow per grid `gptbench run` accepts on `gpus` cards (pipelines: one per
     schedule), refused ones with their reason."""
+    check_numbers(gpus, batch_size, input_len, output_len, micro_batches, gpu_memory_gib,
+                  gpu_bandwidth_gbps, comm_latency_us)
     device = _device(gpu, gpu_memory_gib, gpu_bandwidth_gbps)
     if dtype not in DTYPES:
         raise UserError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)} (workload.dtype)")
@@ -206,6 +208,24 @@ def plan(model_name_or_preset: str, gpus: int, gpu: str | None = "rtx3080",
                                 speedup_bound=fields["tokens_per_s_bound"] / one_gpu_tokens_per_s,
                                 **fields))
     return rows
+
+
+def check_numbers(gpus, batch_size, input_len, output_len, micro_batches, memory_gib,
+                  bandwidth_gbps, latency_us) -> None:
+    """Each flag within what it can mean (limits.py): finite, positive, and counts that a
+    machine or a cluster has; argparse's float() reads 'inf' and 'nan' as numbers."""
+    limits.check_int("--gpus", gpus, 1, limits.MAX_WORLD)
+    limits.check_int("--batch-size", batch_size, 1, limits.MAX_BATCH)
+    for key, value in (("--input-len", input_len), ("--output-len", output_len)):
+        limits.check_int(key, value, 1, limits.MAX_LEN)
+    if micro_batches is not None:
+        limits.check_int("--micro-batches", micro_batches, 1, limits.MAX_BATCH)
+    if memory_gib is not None:
+        limits.check_float("--gpu-memory-gib", memory_gib, 0, 1e6, low_open=True)
+    if bandwidth_gbps is not None:
+        limits.check_float("--gpu-bandwidth-gbps", bandwidth_gbps, 0, 1e6, low_open=True)
+    if latency_us is not None:
+        limits.check_float("--comm-latency-us", latency_us, 0, 1e9)
 
 
 def micro_batches_for(grid, batch_size: int, requested: int | None, schedule: str) -> int:
@@ -313,6 +333,8 @@ def add_arguments(p) -> None:
 
 
 def main(a) -> int:
+    check_numbers(a.gpus, a.batch_size, a.input_len, a.output_len, a.micro_batches,
+                  a.gpu_memory_gib, a.gpu_bandwidth_gbps, a.comm_latency_us)
     rows = plan(a.model, a.gpus, a.gpu, a.batch_size, a.input_len, a.output_len, a.dtype,
                 a.micro_batches, a.partition_method, a.gpu_memory_gib, a.gpu_bandwidth_gbps,
                 a.comm_latency_us, a.comm_file)

@@ -96,7 +96,8 @@ def skeleton(cfg, world_size: int, grid=None, model=None, env=None) -> dict:
                            "preset": cfg.model.preset},
         "workload": {"dtype": w.dtype, "batch_size": w.batch_size, "input_len": w.input_len,
                      "output_len": w.output_len, "num_samples": w.num_samples,
-                     "iterations": w.iterations, "warmup": w.warmup, "dataset": w.dataset},
+                     "iterations": w.iterations, "min_duration_s": w.min_duration_s,
+                     "warmup": w.warmup, "dataset": w.dataset},
         "engine": {"backend": cfg.engine.backend, "kernel_inject": cfg.engine.kernel_inject, "cuda_graph": cfg.engine.cuda_graph,
                    "threads_per_rank": cfg.engine.threads,
                    "deepspeed_config": None},
@@ -121,6 +122,12 @@ def unfinished(cfg, world_size: int, run_id: str, status: str, error: str,
     record.update(run_id=run_id, status=status, error=error, failed_rank=failed_rank)
     record["null_reasons"]["metrics"] = f"the run did not finish ({status})"
     return record
+
+
+UTIL_SOURCE = ("NVML utilization.gpu: the share of time at least one kernel was resident; an "
+               "NCCL kernel spin-waiting for a peer counts as busy, so pipeline bubbles and "
+               "tensor-parallel stragglers read as utilised. Not work, never ranked: the "
+               "pipeline's work figure is bubble_fraction.stage_busy_fraction")
 
 
 def _ms(seconds: list[float]) -> dict:
@@ -164,9 +171,20 @@ def aggregate_metrics(ranks: list[dict], grid, micro_batches: int) -> tuple[dict
         metrics["peak_reserved_bytes"] = {"per_rank": reserved, "max": max(reserved)}
     else:
         reasons["metrics.peak_reserved_bytes"] = "only the CUDA caching allocator reserves memory"
+    device_used = [r.get("device_used_bytes") for r in ranks]
+    if all(v is not None for v in device_used):
+        metrics["device_memory_used_bytes"] = {
+            "per_rank": device_used, "max": max(device_used),
+            "source": "torch.cuda.mem_get_info (total - free) at the end of the timed region: "
+                      "the whole device, with NCCL's buffers, the CUDA context and any other "
+                      "process on the GPU, which max_memory_allocated does not see"}
+    else:
+        metrics["device_memory_used_bytes"] = None
+        reasons["metrics.device_memory_used_bytes"] = "device-level memory is read on CUDA only"
     util = [r["gpu_util_pct"] for r in ranks]
     if all(u is not None for u in util):
-        metrics["gpu_utilization_pct"] = {"mean": sum(util) / len(util), "per_rank": util}
+        metrics["gpu_utilization_pct"] = {"mean": sum(util) / len(util), "per_rank": util,
+                                          "kind": "kernel-resident", "source": UTIL_SOURCE}
     else:
         reasons["metrics.gpu_utilization_pct"] = next(
             r["gpu_util_reason"] for r in ranks if r["gpu_util_pct"] is None)
@@ -202,7 +220,17 @@ FIELD_TYPES = {
     **dict.fromkeys(("workload.batch_size", "workload.input_len", "workload.output_len",
                      "workload.num_samples"), int),
     "engine.backend": str, "engine.kernel_inject": bool, "engine.cuda_graph": bool,
-    "engine.compile": str, "engine.threads_per_rank": int,
+    "engine.compile": str, "engine.threads_per_rank": int, "engine.step": str,
+    "engine.comm_timeout_s": NUMBER, "engine.comm_timeout_reason": str,
+    "engine.inductor": dict, "engine.inductor.mode": str, "engine.inductor.attention": str,
+    "engine.inductor.tuning": str, "engine.inductor.freezing": bool,
+    "metrics.compile": dict, "metrics.compile.decode_graph": dict,
+    "metrics.compile.cudagraph_skips": int,
+    "metrics.compile.decode_graph.*": int,
+    "metrics.decode_profile": dict, "metrics.decode_profile.verdict": str,
+    **{f"metrics.decode_profile.{k}": NUMBER for k in (
+        "kernels_per_step", "busy_ms_per_step", "host_ms_per_step", "step_ms",
+        "busy_fraction", "floor_ms", "fraction_of_floor")},
     "env.device_name": str, "env.cpus_usable": int,
     **dict.fromkeys(("metrics.throughput_tokens_per_s", "metrics.throughput_cv_pct",
                      "metrics.timed_wall_s", "metrics.comm_fraction", "metrics.compile_s"),
@@ -213,6 +241,10 @@ FIELD_TYPES = {
     "metrics.peak_memory_bytes": dict, "metrics.peak_memory_bytes.per_rank": LIST_OF_NUMBERS,
     "metrics.peak_memory_bytes.max": NUMBER, "metrics.peak_memory_bytes.kind": str,
     "metrics.gpu_utilization_pct": dict, "metrics.gpu_utilization_pct.mean": NUMBER,
+    "metrics.gpu_utilization_pct.kind": str,
+    "metrics.device_memory_used_bytes": dict,
+    "metrics.device_memory_used_bytes.per_rank": LIST_OF_NUMBERS,
+    "metrics.device_memory_used_bytes.max": NUMBER,
     "metrics.bubble_fraction": dict, "metrics.bubble_fraction.measured": NUMBER,
     "metrics.bubble_fraction.theory": NUMBER,
     "metrics.roofline": dict, "metrics.roofline.fraction_of_peak": NUMBER,
@@ -229,6 +261,23 @@ FIELD_TYPES = {
     "emulation.fits": dict, "emulation.fits.fits": bool,
     "metrics.model_memory_bytes": dict,
     **{f"metrics.model_memory_bytes.{part}": LIST_OF_NUMBERS for part in ("per_rank", "weights", "kv")},
+    "workload.iterations": int, "workload.min_duration_s": NUMBER,
+    "metrics.generated_tokens": int,
+    "metrics.timed_passes": dict, "metrics.timed_passes.count": int,
+    "metrics.timed_passes.wall_s": NUMBER, "metrics.timed_passes.stopped_by": str,
+    "metrics.batches": dict,
+    **{f"metrics.batches.{part}": LIST_OF_NUMBERS
+       for part in ("tokens", "wall_s", "ttft_ms_p50", "tpot_ms_p50")},
+    "metrics.intervals": dict, "metrics.intervals.method": str,
+    "metrics.intervals.confidence": NUMBER, "metrics.intervals.seed": int,
+    "metrics.intervals.resamples": int, "metrics.intervals.batches": int,
+    **{f"metrics.intervals.{name}": LIST_OF_NUMBERS
+       for name in ("throughput_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50")},
+    "metrics.validity": dict, "metrics.validity.verdict": str,
+    "metrics.validity.reasons": list,
+    "metrics.energy": dict,
+    **{f"metrics.energy.{name}": NUMBER for name in ("joules", "average_watts", "joules_per_token")},
+    "metrics.energy.per_rank_joules": LIST_OF_NUMBERS,
     "parity.tokens_match": bool, "parity.passed": bool, "parity.max_abs_logit_diff": NUMBER,
     "parity.tolerance": NUMBER, "parity.token_match_rate": NUMBER,
 }
@@ -246,7 +295,34 @@ def value_at(record: dict, dotted_path: str):
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an int too large for a float is not one: OverflowError)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return abs(value) <= MAX_FIGURE if isinstance(value, int) else math.isfinite(value)
+
+
+# Plausibility: what a run can measure. Every figure the readers use is >= 0 and at most
+# MAX_FIGURE (1e15: more bytes than any machine holds, more tokens/s or ms than any run
+# sees); fractions are at most 1, percentages at most 100. A record beyond these is not
+# rendered as fact: the readers skip and name it like any other invalid record.
+MAX_FIGURE = 10 ** 15
+FRACTIONS = {"metrics.comm_fraction", "metrics.bubble_fraction.measured",
+             "metrics.bubble_fraction.theory", "parity.token_match_rate",
+             *(f"metrics.time_breakdown.{part}" for part in ("compute", "communication", "waiting"))}
+PERCENTAGES = {"metrics.gpu_utilization_pct.mean"}
+
+
+def _implausible(where: str, value, kind) -> str | None:
+    """Why a value of the right type cannot be a measured figure, or None."""
+    if kind not in (NUMBER, LIST_OF_NUMBERS, int) or value is None:
+        return None
+    high = 1 if where in FRACTIONS else 100 if where in PERCENTAGES else MAX_FIGURE
+    for v in (value if isinstance(value, list) else [value]):
+        if v is not None and not 0 <= v <= high:
+            shown = f"{v:g}" if abs(v) <= MAX_FIGURE * 1e3 else "a number of over 18 digits"
+            return (f"is {shown}, not a figure a run can measure (0..{high:g}): the record "
+                    "cannot be true")
+    return None
 
 
 def _type_problem(value, kind) -> str | None:
@@ -277,7 +353,7 @@ def check_fields(record: dict) -> None:
         else:
             found = [(path, value_at(record, path))]
         for where, value in found:
-            problem = _type_problem(value, kind)
+            problem = _type_problem(value, kind) or _implausible(where, value, kind)
             if problem:
                 raise ValueError(f"{where} {problem}")
     if record["status"] == "ok" and value_at(record, "metrics.throughput_tokens_per_s") is None:
@@ -290,6 +366,9 @@ def read_run(path) -> dict:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # an int of > 4300 digits; nesting too deep
+        why = (str(exc) or type(exc).__name__).splitlines()[0][:100]
+        raise ValueError(f"not valid JSON: {why}") from None
     schema = record.get("schema") if isinstance(record, dict) else None
     if schema != SCHEMA:
         raise ValueError(f"schema is {schema!r}, not {SCHEMA!r}")

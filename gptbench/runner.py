@@ -1,8 +1,9 @@
 """Timed greedy generation on one rank: warm-up, then iterations over this replica's batches.
 
-Every timed region starts and ends with a device synchronisation (`sync`), and every batch
-starts after a barrier across all ranks, so replicas move together and a slow rank shows
-up in everyone's wall time. TTFT is the prefill (first token), TPOT each later decode step.
+Every generator is timed the same way (trackers/timing.py `Stamps`): on CUDA an event after
+every step, read after the batch with one synchronisation; on CPU the host clock. Every
+batch starts after a barrier across all ranks, so replicas move together and a slow rank
+shows up in everyone's wall time. TTFT is the prefill (first token), TPOT each later step.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from gptbench.trackers.timing import Stamps, synchronize
 
 
 @dataclass
@@ -21,6 +24,7 @@ class BatchTiming:
     # TTFT of each group of sequences whose first tokens appear apart (the micro-batches of
     # the in-flight pipeline schedule); None: the whole batch's tokens appear together
     ttft_groups_s: list[float] | None = None
+    marks_s: list[float] | None = None  # seconds from the batch's start to each step's end
 
     @property
     def ttfts_s(self) -> list[float]:
@@ -43,59 +47,66 @@ class RankTiming:
         return sum(self.iteration_tokens)
 
 
-def no_sync():
-    pass
-
-
-def generate_batch(gen, ids: torch.Tensor, output_len: int, clock: Callable = time.perf_counter,
-                   sync: Callable = no_sync, hook: Callable = lambda point: None,
-                   decode_input_lens: set | None = None):
+def generate_batch(gen, ids: torch.Tensor, output_len: int, stamps: Stamps | None = None,
+                   hook: Callable = lambda point: None, decode_input_lens: set | None = None):
     """Exactly `output_len` greedy tokens per sequence (EOS ignored): 1 prefill + n-1 decodes.
 
     Returns (tokens (B, output_len), [last-position logits per step or None], BatchTiming).
-    A generator that runs its own loop (Hugging Face `generate`, the in-flight pipeline
-    schedule) times itself through `generate_timed` with the same clock and sync.
+    `stamps` takes the time at the start and after every step (default: CUDA events read
+    after the batch on GPUs, the host clock on CPU; trackers/timing.py). A generator that
+    runs its own loop (Hugging Face `generate`, the in-flight pipeline schedule) takes its
+    marks through `generate_timed` with the same stamps.
     """
+    stamps = stamps or Stamps(ids.device)
     if hasattr(gen, "generate_timed"):
-        tokens, logits, timing = gen.generate_timed(ids, output_len, clock, sync, hook)
+        tokens, logits, timing = gen.generate_timed(ids, output_len, stamps, hook)
         if decode_input_lens is not None and output_len > 1:
             decode_input_lens.add(1)
         return tokens, logits, timing
     hook("prefill")
-    sync()
-    start = clock()
+    start = stamps.mark()
     step = gen.prefill(ids)
-    sync()
-    first = prev = clock()
-    tokens, logits, tpot = [step.tokens], [step.logits], []
+    marks = [stamps.mark()]
+    tokens, logits = [step.tokens], [step.logits]
     for _ in range(output_len - 1):
         hook("decode")
         step = gen.decode(step.tokens)
-        sync()
-        now = clock()
-        tpot.append(now - prev)
-        prev = now
+        marks.append(stamps.mark())
         tokens.append(step.tokens)
         logits.append(step.logits)
         if decode_input_lens is not None:
             decode_input_lens.add(step.input_len)
-    return torch.stack(tokens, dim=1), logits, BatchTiming(first - start, tpot, prev - start)
+    seconds = stamps.seconds(start, marks)
+    tpot = [b - a for a, b in zip(seconds, seconds[1:])]
+    return (torch.stack(tokens, dim=1), logits,
+            BatchTiming(seconds[0], tpot, seconds[-1], marks_s=seconds))
 
 
 def run_timed(gen, batches: list[torch.Tensor], output_len: int, iterations: int, warmup: int,
-              barrier: Callable, clock: Callable = time.perf_counter, sync: Callable = no_sync,
-              hook: Callable = lambda point: None) -> RankTiming:
+              barrier: Callable, device: torch.device | None = None,
+              clock: Callable = time.perf_counter, hook: Callable = lambda point: None,
+              sync: Callable | None = None,
+              keep_going: Callable[[RankTiming], bool] | None = None) -> RankTiming:
+    """Warm-up batches, then `iterations` passes over `batches`, each batch after a barrier;
+    an iteration's wall time from the host clock with the device drained on both sides.
+    More passes follow while `keep_going(timing)` says so (asked after each pass from the
+    last of `iterations` on; on several ranks it must be collective, so that every rank
+    runs as many passes)."""
+    device = device or batches[0].device
+    sync = sync or (lambda: synchronize(device))
     for i in range(warmup):
         generate_batch(gen, batches[i % len(batches)], output_len)
     timing = RankTiming()
-    for _ in range(iterations):
+    while (len(timing.iteration_wall_s) < iterations
+           or (keep_going is not None and keep_going(timing))):
         barrier()
         sync()
         start = clock()
         tokens = 0
         for ids in batches:
             barrier()
-            out, _, bt = generate_batch(gen, ids, output_len, clock, sync, hook,
+            stamps = Stamps(device, clock=clock, sync=sync)
+            out, _, bt = generate_batch(gen, ids, output_len, stamps, hook,
                                         timing.decode_input_lens)
             timing.batches.append(bt)
             tokens += out.numel()

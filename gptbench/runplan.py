@@ -50,8 +50,10 @@ class RunPlan:
 
 def holds_token_ids(path: str) -> bool:
     """A samples file (`{"input_ids": [...]}` lines) rather than prompts to tokenize."""
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
+    from gptbench.limits import read_text
+
+    text = read_text(path, "workload.dataset")  # names the byte that is not UTF-8
+    first = next((line for line in text.splitlines() if line.strip()), "")
     return '"input_ids"' in first
 
 
@@ -77,23 +79,20 @@ def workload_samples(cfg: RunConfig, vocab_size: int, dp: int) -> torch.Tensor:
 
 
 def check_output_dir(path: str) -> None:
-    """UserError unless `path` is a folder this process can write in, or can be created.
+    """UserError unless `path`/runs is a folder this process can write in, or can be
+    created (limits.writable_folder_problem: probed, nothing stays). The folders a run
+    writes into must be folders: a file named `runs` in `path` is refused here, before
+    the run starts, not found by the ranks."""
+    from gptbench import limits
 
-    Probed by creating (and removing) a folder in the nearest existing ancestor: access()
-    says yes to root everywhere, even in /proc or on a read-only mount. Nothing stays."""
-    import tempfile
-
-    target = os.path.abspath(path)
-    probe = target
-    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise UserError(f"output_dir: cannot create {path}: {probe} is not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".gptbench-probe-"))
-    except OSError as e:
-        raise UserError(f"output_dir: cannot create {path}: cannot write in {probe} "
-                        f"({e.strerror})") from None
+    limits.check_path("output_dir", path)
+    for sub in ("logs", os.path.join("runs", ".ranks"), os.path.join("runs", ".previous")):
+        inner = os.path.join(path, sub)
+        if os.path.lexists(inner) and not os.path.isdir(inner):
+            raise UserError(f"output_dir: cannot write in {path}: {inner} is not a folder")
+    problem = limits.writable_folder_problem(os.path.join(path, "runs"))
+    if problem:
+        raise UserError(f"output_dir: cannot create {path}: {problem}")
 
 
 def run_id_for(cfg: RunConfig, world_size: int) -> str:

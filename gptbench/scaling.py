@@ -16,12 +16,18 @@ label says what kind of scaling the speedup measures, by what the run did:
 - `baseline`: one rank (its speedup against itself is 1);
 - `weak`: dp > 1; every replica generates `num_samples`, so the work grows with the ranks;
 - `strong`: dp = 1 with tp or pp > 1; the baseline's work split over more ranks.
+
+Their 95 % intervals (`metrics.intervals.speedup`, `.parallel_efficiency`) bootstrap the
+ratio from the two runs' timed batches (`metrics.batches`: tokens and seconds per batch):
+each run's batches resampled on its own, the speedup scaled by the ratio of the two
+resamples' tokens/s factors (stats.ratio_factors), the 2.5th and 97.5th percentiles kept.
 """
 from __future__ import annotations
 
 import copy
 import math
 
+from gptbench import stats
 from gptbench.results import DERIVED_KEYS, value_at
 
 # A switch absent from a record (written before it existed) was off.
@@ -30,6 +36,10 @@ ENGINE_SWITCHES = {"backend": "deepspeed", "kernel_inject": False, "cuda_graph":
 WORKLOAD_KEYS = ("dtype", "batch_size", "input_len", "output_len", "num_samples")
 NO_BASELINE = ("no finished 1-rank run in this folder with the same device, dtype, model, "
                "workload and engine switches (backend, kernel_inject, cuda_graph, compile)")
+NO_BATCHES = "needs the per-batch figures (metrics.batches, 2 or more batches) of the run and its baseline"
+RATIO_METHOD = ("percentile bootstrap of the ratio: each run's timed batches resampled on their own "
+                "(1000 resamples, seeds 0 and 1), speedup x the ratio of the two resamples' "
+                "tokens/s to the whole samples'")
 
 
 def engine_switches(record: dict) -> tuple:
@@ -76,6 +86,41 @@ def relative_to(record: dict, baseline: dict) -> dict:
             "scaling": label(record), "baseline_run_id": baseline["run_id"]}
 
 
+def _factors(record: dict, seed: int) -> list[float] | None:
+    tokens, wall = value_at(record, "metrics.batches.tokens"), value_at(record, "metrics.batches.wall_s")
+    if not tokens or not wall or len(tokens) != len(wall) or len(tokens) < 2 or not sum(wall):
+        return None
+    return stats.ratio_factors(tokens, wall, seed=seed)
+
+
+def ratio_interval(record: dict, baseline: dict, speedup: float) -> list[float] | None:
+    """The speedup's 95 % interval from the two runs' batches, or None without them. A run
+    against itself (the baseline) draws the same resamples: [1, 1]."""
+    mine = _factors(record, stats.SEED)
+    theirs = _factors(baseline, stats.SEED + (record["run_id"] != baseline["run_id"]))
+    if mine is None or theirs is None:
+        return None
+    return stats.percentile_interval([speedup * a / b for a, b in zip(mine, theirs)])
+
+
+def _with_intervals(record: dict, baseline: dict | None, derived: dict, reasons: dict) -> None:
+    """metrics.intervals.{speedup, parallel_efficiency}, or null with the reason; a record
+    written before intervals existed is left as it is."""
+    block = dict(record["metrics"].get("intervals") or {})
+    if not block:
+        return
+    ci = ratio_interval(record, baseline, derived["speedup"]) if baseline else None
+    for key in ("metrics.intervals.speedup", "metrics.intervals.parallel_efficiency"):
+        if ci is None:
+            reasons[key] = NO_BASELINE if baseline is None else NO_BATCHES
+        else:
+            reasons.pop(key, None)
+    ranks = derived["speedup"] / derived["parallel_efficiency"] if ci else None
+    block.update(speedup=ci, parallel_efficiency=[x / ranks for x in ci] if ci else None,
+                 ratio_method=RATIO_METHOD)
+    record["metrics"]["intervals"] = block
+
+
 def derive(records: list[dict]) -> list[dict]:
     """Copies of `records`; the finished ones with the DERIVED_KEYS filled against their
     baseline, or null with the reason in null_reasons."""
@@ -91,6 +136,7 @@ def derive(records: list[dict]) -> list[dict]:
             derived = (relative_to(record, baseline) if baseline
                        else {**dict.fromkeys(DERIVED_KEYS), "scaling": label(record)})
             record["metrics"].update(derived)
+            _with_intervals(record, baseline, derived, reasons)
             for key in DERIVED_KEYS:
                 if derived[key] is None:
                     reasons[f"metrics.{key}"] = NO_BASELINE

@@ -1,11 +1,10 @@
 """One pipeline stage on one device, its micro-batches interleaved as the in-flight schedule
 runs them: what `make gpu-check` can say about compiled pipeline stages with one GPU.
 
-A compiled stage keeps one static KV cache per micro-batch and shares one graph per shape
-between them (their addresses are static but unguarded). With CUDA graphs that relies on
-torch's graph trees recording one graph per cache and replaying the right one as the
-micro-batches alternate; if they re-recorded on every switch, a step would cost a recording
-(milliseconds) instead of a replay. This probe holds every layer in one stage (no p2p: one
+A compiled stage keeps one static KV cache per micro-batch, each with its own graphs (the
+caches' addresses are static and guarded). With CUDA graphs that relies on torch's graph
+trees replaying the right graph as the micro-batches alternate; if they re-recorded on
+every switch, a step would cost a recording (milliseconds) instead of a replay. This probe holds every layer in one stage (no p2p: one
 GPU), runs m micro-batches interleaved eagerly and compiled, and reports the decode step
 time of each and whether the tokens agree.
 """
@@ -34,7 +33,7 @@ def _generate(stage, ids, m: int, steps: int, device) -> tuple[torch.Tensor, flo
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         for k in range(m):
-            token = stage.run(x[k], k).argmax(-1)
+            token, _ = stage.run(x[k], k)
             out[k].append(token)
             x[k] = token[:, None]
         if device.type == "cuda":
@@ -53,19 +52,21 @@ def probe(device: torch.device, dtype: torch.dtype, mode: str, preset: str = "sm
 
     model = load_model(preset, "random", preset, dtype, device)
     model.config._attn_implementation = "sdpa"
-    heads = compiled.heads_per_block(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, input_len),
                         generator=torch.Generator().manual_seed(0)).to(device)
     out = {"preset": preset, "batch": batch, "micro_batches": m, "input_len": input_len,
            "steps": steps, "mode": mode}
-    for name, arm_mode in (("eager", "off"), ("compiled", mode)):
-        stage = Stage(_layers(model), model.config, heads, PipeState(device), device, dtype,
-                      arm_mode, input_len + steps)
+    options = compiled.InductorOptions(mode=mode) if mode != "off" else None
+    for name, arm in (("eager", None), ("compiled", options)):
+        stage = Stage(_layers(model), model.config, PipeState(device), device, dtype,
+                      arm, input_len + steps)
         before = compiled.snapshot()
-        for _ in range(compiled.WARMUP_CALLS):  # compile, record, replay
-            tokens, step_ms = _generate(stage, ids, m, steps, device)
+        with compiled.compiling(arm):
+            for _ in range(compiled.WARMUP_CALLS):  # compile, record, replay
+                tokens, step_ms = _generate(stage, ids, m, steps, device)
         stats = compiled.CompileStats.since(before)
-        tokens, step_ms = _generate(stage, ids, m, steps, device)
+        with compiled.measuring(arm):
+            tokens, step_ms = _generate(stage, ids, m, steps, device)
         out[name] = {"decode_step_ms": step_ms, "graphs": stats.graphs,
                      "graph_breaks": stats.graph_breaks, "compile_s": stats.compile_s}
         out[f"{name}_tokens"] = tokens

@@ -31,8 +31,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from gptbench import faults, launcher, results
-from gptbench.config import override_pairs, read_yaml
+from gptbench import faults, launcher, limits, results
+from gptbench.config import override_pairs, read_yaml, set_pair
 from gptbench.errors import UserError
 
 SUITE_KEYS = {"title", "output_dir", "base", "set", "runs", "description", "hostfile"}
@@ -67,12 +67,16 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
         if key not in data:
             raise UserError(f"{path}: missing suite key '{key}'")
     if not isinstance(data["base"], str):
-        raise UserError(f"{path}: base must be the path of a benchmark config, got {data['base']!r}")
+        raise UserError(f"{path}: base must be the path of a benchmark config, got "
+                        f"{limits.show(data['base'])}")
     base = os.path.join(os.path.dirname(path), data["base"])
     if not os.path.isfile(base):
         raise UserError(f"{path}: base config not found: {base}")
     command_line, out = _command_line(overrides, output_dir)
-    out = out or data.get("output_dir") or f"reports/{os.path.splitext(os.path.basename(path))[0]}"
+    if not out and data.get("output_dir") is not None:
+        out = limits.check_path(f"{path}: output_dir", data["output_dir"])
+    out = out or f"reports/{os.path.splitext(os.path.basename(path))[0]}"
+    limits.check_path("output_dir", out)
     common = _suite_pairs(data.get("set"), f"{path}: set")
     if not isinstance(data["runs"], list) or not data["runs"]:
         raise UserError(f"{path}: 'runs' must be a non-empty list")
@@ -85,26 +89,37 @@ def load_suite(path: str, output_dir: str | None = None, only: list[str] | None 
         bad = sorted(set(item) - RUN_KEYS)
         if bad:
             raise UserError(f"{where}: unknown key '{bad[0]}' (allowed: id, ranks, set)")
-        run_id = str(item["id"])
+        run_id = item["id"]
+        if limits.is_int(run_id) and run_id >= 0:
+            run_id = str(run_id)  # `id: 1` names run "1"
+        limits.check_run_id(f"{where}: id", run_id)
         if run_id in seen:
             raise UserError(f"{where}: duplicate id '{run_id}'")
         seen.add(run_id)
         ranks = item.get("ranks", slots or 1)
         if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
-            raise UserError(f"{where}: ranks must be a positive integer, got {ranks!r}")
+            raise UserError(f"{where}: ranks must be a positive integer, got {limits.show(ranks)}")
+        if not slots:
+            limits.check_local_ranks(f"{where}: ranks", ranks)
         if slots and ranks != slots:
             raise UserError(f"{where}: ranks={ranks}, but the suite's hostfile {hostfile} has "
                             f"{slots} slot(s): every run uses all of them")
         own = common + _suite_pairs(item.get("set"), where)
-        runs.append(SuiteRun(run_id, ranks, tuple(own + command_line + [f"output_dir={out}", f"run_id={run_id}"]),
+        names = [set_pair("output_dir", out), set_pair("run_id", run_id)]  # quoted if need be
+        runs.append(SuiteRun(run_id, ranks, tuple(own + command_line + names),
                              _replaced(own, command_line, run_id)))
-    if only:
+    if only is not None:
         only = [o.strip() for item in only for o in item.split(",") if o.strip()]
+        if not only:
+            raise UserError(f"--only: no run id given (runs: {', '.join(sorted(seen))})")
         missing = sorted(set(only) - seen)
         if missing:
             raise UserError(f"--only: no run '{missing[0]}' in {path} (runs: {', '.join(sorted(seen))})")
         runs = [r for r in runs if r.run_id in only]
-    return Suite(str(data.get("title") or os.path.basename(path)), out, base, tuple(runs),
+    title = data.get("title")
+    if title is not None and not isinstance(title, (str, int, float)):
+        raise UserError(f"{path}: title must be text, got {limits.show(title)}")
+    return Suite(str(title or os.path.basename(path)), out, base, tuple(runs),
                  hostfile)
 
 
@@ -113,7 +128,8 @@ def _hostfile(path: str, value) -> tuple[str | None, int | None]:
     if value is None:
         return None, None
     if not isinstance(value, str):
-        raise UserError(f"{path}: hostfile must be the path of a DeepSpeed hostfile, got {value!r}")
+        raise UserError(f"{path}: hostfile must be the path of a DeepSpeed hostfile, got "
+                        f"{limits.show(value)}")
     from gptbench.hostfile import read_hostfile
 
     hostfile = os.path.join(os.path.dirname(path), value)
@@ -171,7 +187,7 @@ def check(suite: Suite, path: str) -> None:
                         f"{most} rank(s)")
     for r in suite.runs:
         try:
-            launcher.prepare(suite.base, list(r.overrides), r.ranks)
+            launcher.prepare(suite.base, list(r.overrides), r.ranks, on_hosts=bool(suite.hostfile))
         except UserError as e:
             raise UserError(f"{path}: run '{r.run_id}': {e}") from None
     if suite.hostfile:  # every host answers by ssh before the first run starts

@@ -8,6 +8,7 @@ others instead of letting them wait in a collective.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import os
@@ -18,7 +19,8 @@ import traceback
 import torch
 
 from gptbench import faults, multinode, parity, progress, results
-from gptbench.compiled import CompileStats
+from gptbench.compiled import (CapturedCode, CompileStats, InductorOptions, compiling,
+                               decode_graph, measuring)
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
 from gptbench.runplan import RunPlan, check_output_dir, resolve, run_id_for
@@ -62,9 +64,20 @@ def init_distributed(plan: RunPlan, rank: int, world: int, local_size: int) -> N
     # smaller than the world its results are silently wrong (docs/deepspeed-notes.md,
     # CPU all-reduce). Keep it off.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    timeout = _dt.timedelta(seconds=plan.cfg.engine.comm_timeout_s)
+    from gptbench.watchdog import for_plan
+
+    timeout = _dt.timedelta(seconds=for_plan(plan)[0])
     # Groups made later (tensor-parallel groups, DeepSpeed's pipeline groups) take torch's
     # default timeout (30 min), not the world's: a silent peer would hang them that long.
+    graphed_collectives = plan.compile_mode == "reduce-overhead" and plan.grid.tp > 1
+    if plan.device.type == "cuda" and plan.cfg.engine.profile_comm and not graphed_collectives:
+        # NCCL records start/end events per collective only when told before its groups
+        # exist: the profiled batch reads each collective's kernel time from them
+        # (trackers/comm.py), instead of syncing around every call. Not where all-reduces
+        # are captured in CUDA graphs (compiled tensor parallel): whether NCCL's timing
+        # events are legal inside a capture is unverified, so such a row's breakdown is
+        # null with the reason rather than a capture put at risk.
+        os.environ.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
     from torch.distributed import distributed_c10d
     distributed_c10d.default_pg_timeout = timeout
     distributed_c10d.default_pg_nccl_timeout = timeout
@@ -111,25 +124,49 @@ def run_rank(plan: RunPlan, rank: int, inject) -> tuple[dict, dict]:
     is_output = rank in grid.output_ranks()
     probe = batches[0][:cfg.parity.samples]
     ref = parity.reference(model, probe, cfg.parity.tokens) if cfg.parity.enabled else None
+    options = inductor_options(plan)
     ctx = RankContext(cfg=cfg, grid=grid, rank=rank, device=plan.device, dtype=plan.dtype,
                       model=model, tp_group=tp_group, tp_ranks=tp_ranks,
                       info={"micro_batches": plan.micro_batches, "params": params,
-                            "compile_mode": plan.compile_mode})
+                            "compile_mode": plan.compile_mode, "inductor": options})
     progress.phase("sharding")
     gen = REGISTRY[cfg.strategy](ctx)
     del model, ctx.model
     gc.collect()  # the unsharded copy: this rank keeps only its shard
     if plan.device.type == "cuda":
         torch.cuda.empty_cache()
-    compiled = compile_warmup(gen, plan, batches, probe)
-    mine = measure.measure_rank(gen, batches, probe, ref, plan, rank, inject, ctx.info)
+    max_len = cfg.workload.input_len + cfg.workload.output_len
+    with compiled_code(options) as code:
+        compiled = compile_warmup(gen, plan, batches, probe)
+    with compiling(options), measuring(options):
+        mine = measure.measure_rank(gen, batches, probe, ref, plan, rank, inject, ctx.info)
     mine["compile"] = {**compiled, "graphs_while_measuring":
-                       CompileStats.since(compiled.pop("_after")).graphs}
+                       CompileStats.since(compiled.pop("_after")).graphs,
+                       "decode_graph": decode_graph(code.codes, max_len)
+                       if code is not None else None}
     mine["is_output"] = is_output
     mine["params"] = sum(p.numel() for p in gen.module.parameters())
     mine["shm_allreduce"] = _shm_allreduce_active()
     mine.update(multinode.rank_facts())  # host and socket addresses, once every group exists
     return mine, ctx.info
+
+
+def inductor_options(plan: RunPlan):
+    """How gptbench's step is compiled in this run; None where it is not (eager rows, and
+    the Hugging Face baselines, which compile their own way)."""
+    if plan.compile_mode == "off" or plan.cfg.engine.backend != "deepspeed":
+        return None
+    return InductorOptions.of(plan.cfg.engine, plan.compile_mode)
+
+
+@contextlib.contextmanager
+def compiled_code(options):
+    """Inductor's generated code of the graphs compiled inside, under `options`."""
+    if options is None:
+        yield None
+        return
+    with compiling(options), CapturedCode() as code:
+        yield code
 
 
 def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
@@ -139,7 +176,10 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
     from gptbench import runner
     from gptbench.compiled import WARMUP_CALLS, snapshot
 
+    from torch._dynamo.utils import counters
+
     start = snapshot()
+    skips = counters["inductor"]["cudagraph_skips"]  # graphs inductor left uncaptured
     wall = time.perf_counter()
     if plan.compile_mode != "off":
         progress.phase("compiling")
@@ -153,7 +193,8 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
     stats = CompileStats.since(start)
     return {"mode": plan.compile_mode, "compile_s": stats.compile_s,
             "warmup_wall_s": time.perf_counter() - wall, "graph_breaks": stats.graph_breaks,
-            "graphs": stats.graphs, "_after": snapshot()}
+            "graphs": stats.graphs, "_after": snapshot(),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
 
 
 def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -> dict:
@@ -175,10 +216,19 @@ def write_record(plan: RunPlan, ranks: list[dict], info: dict, started: float) -
     record["engine"]["shm_allreduce"] = any(r["shm_allreduce"] for r in ranks)
     record["engine"]["deepspeed_config"] = info.get("deepspeed_config")
     record["engine"]["compile"] = plan.compile_mode
+    from gptbench.watchdog import for_plan
+
+    record["engine"]["comm_timeout_s"], record["engine"]["comm_timeout_reason"] = for_plan(plan)
+    options = inductor_options(plan)
+    record["engine"]["inductor"] = options.as_record() if options is not None else None
+    # whose decode step ran: gptbench's (gptbench/step.py) or Hugging Face's forward
+    record["engine"]["step"] = "gptbench" if options is not None else "hf"
     record["topology"]["pipeline_schedule"] = info.get("pipeline_schedule")
     metrics, reasons = results.aggregate_metrics(ranks, plan.grid, plan.micro_batches)
     figures.model_metrics(plan, ranks, metrics, record["env"], reasons)
+    figures.quality_metrics(plan, ranks, metrics, reasons)
     metrics.update(compile_metrics(ranks, plan.compile_mode, reasons))
+    metrics["decode_profile"] = decode_profile_of(ranks, reasons)
     record["metrics"], record["null_reasons"] = metrics, reasons
     record["parity"] = results.aggregate_parity(ranks)
     if record["parity"] is None:
@@ -201,7 +251,31 @@ def compile_metrics(ranks: list[dict], mode: str, reasons: dict) -> dict:
             "graph_breaks": max(x["graph_breaks"] for x in c),
             "compile": {"warmup_wall_s": max(x["warmup_wall_s"] for x in c),
                         "graphs": max(x["graphs"] for x in c),
-                        "graphs_while_measuring": max(x["graphs_while_measuring"] for x in c)}}
+                        "graphs_while_measuring": max(x["graphs_while_measuring"] for x in c),
+                        # reduce-overhead graphs inductor ran without CUDA graphs (it logs why)
+                        "cudagraph_skips": max(x.get("cudagraph_skips", 0) for x in c),
+                        # the decode graph of each rank role (ranks of one role compile the
+                        # same graph): the most inputs, copies and launches any rank has
+                        "decode_graph": _worst_graph([x.get("decode_graph") for x in c])}}
+
+
+def decode_profile_of(ranks: list[dict], reasons: dict) -> dict | None:
+    """The decode profile of the slowest profiled rank (the one with the longest step)."""
+    profiles = [r["decode_profile"] for r in ranks if r.get("decode_profile")]
+    if not profiles:
+        reasons["metrics.decode_profile"] = next(
+            (r["decode_profile_reason"] for r in ranks if r.get("decode_profile_reason")),
+            "no rank profiled its decode steps")
+        return None
+    return max(profiles, key=lambda p: p["step_ms"])
+
+
+def _worst_graph(graphs: list) -> dict | None:
+    graphs = [g for g in graphs if g]
+    if not graphs:
+        return None
+    return {k: max(g[k] for g in graphs if g[k] is not None) if any(g[k] is not None
+            for g in graphs) else None for k in graphs[0]}
 
 
 def describe(exc: BaseException) -> str:
@@ -293,6 +367,9 @@ def teardown() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Before anything starts CUDA: a direct `deepspeed` launch has not had gptbench's
+    # launcher set it (launcher.RANK_ENV_DEFAULTS says why)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     multinode.die_with_launcher()
     rank, world, local_rank, local_size = dist_env()
     try:

@@ -134,10 +134,123 @@ CASES = {
     "suite-fault-rank-out-of-range": ({"s.yaml": SUITE}, ["suite", "s.yaml"],
                                       {"GPTBENCH_FAULT": "rank=1,at=load,kind=crash"}, "rank=1"),
 }
+# Issue 24 (hostile input): one example of each class it found, each refused in one line.
+BINARY = b"\x80\x81\xfe\x00 strategy: dp\n"
+SET = ["run", "--config", "tiny.yaml", "--set"]
+CASES.update({
+    "binary-config": ({"bin.yaml": BINARY}, ["run", "--config", "bin.yaml"], {},
+                      "bin.yaml is not UTF-8 text (byte 0: 0x80)"),
+    "binary-dataset": ({"bin.jsonl": BINARY}, SET + ["workload.dataset=bin.jsonl"], {},
+                       "bin.jsonl is not UTF-8 text (byte 0"),
+    "binary-prompts": ({"bin.jsonl": BINARY}, ["datasets", "make", "--out", "o.jsonl",
+                                              "--prompts", "bin.jsonl"], {},
+                       "bin.jsonl is not UTF-8 text"),
+    "binary-hostfile": ({"hosts": b"localhost slots=1\n\xff\n"},
+                        ["run", "--config", "tiny.yaml", "--hostfile", "hosts"], {},
+                        "hosts is not UTF-8 text (byte 18: 0xff)"),
+    "binary-suite": ({"s.yaml": BINARY}, ["suite", "s.yaml"], {}, "s.yaml is not UTF-8 text"),
+    "int-key": ({"k.yaml": "{1: 2}\n"}, ["run", "--config", "k.yaml"], {},
+                "k.yaml:1: not valid YAML (key 1 (int) is not a name"),
+    "nested-int-key": ({"k.yaml": "workload:\n  7: 2\n"}, ["run", "--config", "k.yaml"], {},
+                       "k.yaml:2: not valid YAML (key 7 (int) is not a name"),
+    "list-as-key": ({"k.yaml": "? [a, b]\n: 1\n"}, ["run", "--config", "k.yaml"], {},
+                    "a sequence is used as a key"),
+    "nested-thousands-deep": ({"d.yaml": "a: " + "[" * 5000 + "]" * 5000 + "\n"},
+                              ["run", "--config", "d.yaml"], {}, "nested more than 32 levels"),
+    "nested-deep-mapping": ({"d.yaml": "".join("  " * i + f"k{i}:\n" for i in range(40))},
+                            ["run", "--config", "d.yaml"], {}, "nested more than 32 levels"),
+    "billion-laughs": ({"l.yaml": "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(9))
+        + "strategy: *j\n"}, ["run", "--config", "l.yaml"], {}, "more than 100,000 values"),
+    "recursive-alias": ({}, SET + ["strategy=&a [*a]"], {}, "an alias refers to itself"),
+    "set-unclosed-list": ({}, SET + ["strategy=[unclosed"], {},
+                          "--set strategy=[unclosed: not valid YAML"),
+    "set-reserved-character": ({}, SET + ["model.name=@x"], {},
+                               "--set model.name=@x: not valid YAML"),
+    "set-int-key": ({}, SET + ["workload={1: 2}"], {}, "--set workload={1: 2}: not valid YAML"),
+    "set-4301-digits": ({}, SET + ["model.seed=" + "7" * 4400], {}, "--set model.seed="),
+    "nan-timeout": ({}, SET + ["timeout_s=.nan"], {}, "timeout_s: must be a finite number, got nan"),
+    "inf-comm-timeout": ({}, SET + ["engine.comm_timeout_s=.inf"], {},
+                         "engine.comm_timeout_s: must be a finite number, got inf"),
+    "huge-comm-timeout": ({}, SET + ["engine.comm_timeout_s=1.0e+300"], {},
+                          "engine.comm_timeout_s: 1e+300 is outside"),
+    "nan-min-duration": ({}, SET + ["workload.min_duration_s=.nan"], {},
+                         "workload.min_duration_s: must be a finite number"),
+    "inf-max-cv": ({}, SET + ["workload.max_cv_pct=.inf"], {}, "workload.max_cv_pct: must be a finite"),
+    "nan-tolerance": ({}, SET + ["parity.tolerance=.nan"], {}, "parity.tolerance: must be a finite"),
+    "seed-beyond-64-bits": ({}, SET + ["model.seed=100000000000000000000000"], {},
+                            "model.seed: 100000000000000000000000 is outside 0..18,446,744,073,709,551,615"),
+    "negative-seed": ({}, SET + ["model.seed=-1"], {}, "model.seed: -1 is outside"),
+    "threads-beyond-cores": ({}, SET + ["engine.threads=100000000000000000000000"], {},
+                             "engine.threads: 100000000000000000000000 is outside 1.."),
+    "batch-10-to-the-23": ({}, SET + ["workload.batch_size=100000000000000000000000"], {},
+                           "workload.batch_size: 100000000000000000000000 is outside 1..65,536"),
+    "samples-beyond-memory": ({}, SET + ["workload.num_samples=1000000", "--set",
+                                         "workload.input_len=400"], {},
+                              "workload.num_samples x workload.input_len = 400,000,000 tokens"),
+    "ranks-20-digits": ({}, ["run", "--config", "tiny.yaml", "--ranks", "99999999999999999999"],
+                        {}, "--ranks: 99999999999999999999 is outside 1.."),
+    "ranks-beyond-the-machine": ({}, ["run", "--config", "tiny.yaml", "--ranks", "100000"], {},
+                                 "ranks per core on this machine's"),
+    "world-size-beyond-the-machine": ({}, SET + ["topology.world_size=100000"], {},
+                                      "topology.world_size: 100000 is outside"),
+    "hostfile-slots-beyond": ({"hosts": "localhost slots=99999999999999999999999\n"},
+                              ["run", "--config", "tiny.yaml", "--hostfile", "hosts"], {},
+                              "hosts:1: localhost has slots=9999"),
+    "hostfile-unicode-digit": ({"hosts": "localhost slots=\u0663\n"},
+                               ["run", "--config", "tiny.yaml", "--hostfile", "hosts"], {},
+                               "hosts:1: expected 'HOST slots=N'"),
+    "plan-inf-memory": ({}, ["plan", "--gpu-memory-gib", "inf", "--gpu-bandwidth-gbps", "900"],
+                        {}, "--gpu-memory-gib: must be a finite number, got inf"),
+    "plan-nan-latency": ({}, ["plan", "--comm-latency-us", "nan"], {},
+                         "--comm-latency-us: must be a finite number, got nan"),
+    "plan-gpus-beyond": ({}, ["plan", "--gpus", "99999999999999999999"], {}, "--gpus: 99999999999999999999"),
+    "run-id-300-characters": ({}, SET + ["run_id=" + "r" * 300], {},
+                              "run_id: 300 characters long, at most 200"),
+    "run-id-hidden": ({}, SET + ["run_id=.x"], {}, "may not start with '.'"),
+    "run-id-not-ascii": ({}, SET + ["run_id=r\u00e9sum\u00e9"], {}, "only ASCII letters"),
+    "output-dir-name-too-long": ({}, SET + ["output_dir=" + "d" * 300], {},
+                                 "output_dir: the name ddd"),
+    "output-dir-runs-is-a-file": ({"o/runs": "not a folder"}, SET + ["output_dir=o"], {},
+                                  "output_dir: cannot create o: "),
+    "output-dir-ranks-is-a-file": ({"o/runs/.ranks": "x"}, SET + ["output_dir=o"], {},
+                                   "o/runs/.ranks is not a folder"),
+    "datasets-out-in-proc": ({}, ["datasets", "make", "--out", "/proc/x.jsonl"], {},
+                             "--out /proc/x.jsonl: cannot create a file there"),
+    "datasets-seed-beyond": ({}, ["datasets", "make", "--out", "o.jsonl", "--seed", str(2 ** 70)],
+                             {}, "--seed: 1180591620717411303424 is outside"),
+    "datasets-samples-beyond": ({}, ["datasets", "make", "--out", "o.jsonl", "--num-samples",
+                                     "100000000000000000000"], {}, "--num-samples: 100000000000000000000"),
+    "dataset-4301-digit-id": ({"d.jsonl": '{"input_ids": [' + "1" * 4400 + "]}\n"},
+                              SET + ["workload.dataset=d.jsonl"], {}, "d.jsonl:1: not valid JSON"),
+    "diagnose-comm-ranks-beyond": ({}, ["diagnose", "--comm", "--comm-ranks", "2,100000"], {},
+                                   "--comm-ranks: 100000 is outside"),
+    "diagnose-comm-ranks-superscript": ({}, ["diagnose", "--comm", "--comm-ranks", "\u00b2"], {},
+                                        "--comm-ranks: expected world sizes"),
+    "diagnose-comm-out-in-proc": ({}, ["diagnose", "--comm", "--out", "/proc/x/comm.json"], {},
+                                  "--out /proc/x/comm.json: cannot create it"),
+    "suite-empty-id": ({"s.yaml": SUITE + "  - {id: '', ranks: 1}\n"}, ["suite", "s.yaml"], {},
+                       "runs[1]: id: must be a non-empty name"),
+    "suite-null-id": ({"s.yaml": SUITE + "  - {id: null, ranks: 1}\n"}, ["suite", "s.yaml"], {},
+                      "runs[1]: id: must be a non-empty name"),
+    "suite-ranks-beyond": ({"s.yaml": SUITE + "  - {id: b, ranks: 100000}\n"}, ["suite", "s.yaml"],
+                           {}, "runs[1]: ranks: 100000 is outside"),
+    "suite-only-empty": ({"s.yaml": SUITE}, ["suite", "s.yaml", "--only", ""], {},
+                         "--only: no run id given"),
+    "fault-superscript-rank": ({}, ["run", "--config", "tiny.yaml"],
+                               {"GPTBENCH_FAULT": "rank=\u00b2,at=load,kind=crash"},
+                               "rank='\u00b2' is not a rank number"),
+    "fault-arabic-digit-rank": ({}, ["run", "--config", "tiny.yaml"],
+                                {"GPTBENCH_FAULT": "rank=\u0663,at=load,kind=crash"},
+                                "is not a rank number"),
+    "compare-fail-on-not-a-metric": ({}, ["compare", FIXTURE_SUITE, FIXTURE_SUITE, "--fail-on",
+                                          "latency_s:5"], {}, "--fail-on latency_s: no run of"),
+})
 # The end-to-end subset: the real command in its own process.
 SUBPROCESS = ("unknown-strategy", "not-applicable-run", "output-dir-in-proc",
               "pretrained-not-in-offline-cache", "malformed-yaml", "malformed-dataset-line", "fault-bad-kind",
-              "suite-duplicate-ids", "tp-over-heads")
+              "suite-duplicate-ids", "tp-over-heads", "binary-config", "nested-thousands-deep",
+              "compare-fail-on-not-a-metric")
 
 
 def _workdir(tmp_path, files: dict):
@@ -148,7 +261,11 @@ def _workdir(tmp_path, files: dict):
     (tmp_path / "tiny.yaml").write_text(text, encoding="utf-8")
     (tmp_path / "good.jsonl").write_text(GOOD_SAMPLES + "\n", encoding="utf-8")
     for name, body in files.items():
-        (tmp_path / name).write_text(body, encoding="utf-8")
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(body, bytes):
+            (tmp_path / name).write_bytes(body)
+        else:
+            (tmp_path / name).write_text(body, encoding="utf-8")
     return tmp_path
 
 
@@ -169,8 +286,17 @@ def test_refused_in_process(case, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("GPTBENCH_FAULT", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    before = _files(tmp_path)
     code = cli.main(argv)
-    _check(case, code, capsys.readouterr().err, tmp_path)
+    out, err = capsys.readouterr()
+    _check(case, code, err, tmp_path)
+    assert out == "", "printed before refusing"
+    assert _files(tmp_path) == before, "a file was written, changed or removed"
+
+
+def _files(folder) -> dict:
+    """Every file under `folder` and its bytes: bad input changes none of them."""
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("case", SUBPROCESS)
@@ -230,3 +356,19 @@ def test_malformed_yaml_names_its_line(tmp_path, monkeypatch, capsys):
     assert cli.main(["run", "--config", "m.yaml"]) == 2
     err = capsys.readouterr().err
     assert "m.yaml:6" in err or "m.yaml:5" in err, err
+
+
+@pytest.mark.parametrize("row", ["{id: '', ranks: 1}", "{id: null}", "{id: a, ranks: 100000}",
+                                 "{id: b, set: {timeout_s: .nan}}"])
+def test_a_hostile_suite_row_moves_no_earlier_result_aside(row, tmp_path, monkeypatch, capsys):
+    """Issue 24: a row with an empty id ran as "None" and moved the earlier results aside."""
+    _workdir(tmp_path, {"s.yaml": SUITE.replace("title: bad", "title: bad\noutput_dir: res")
+                        + f"  - {row}\n",
+                        "res/runs/a.json": json.dumps({"earlier": True})})
+    monkeypatch.chdir(tmp_path)
+    before = _files(tmp_path)
+    assert cli.main(["suite", "s.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptbench: error: s.yaml") and len(err.splitlines()) == 1, err
+    assert _files(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("res")) == ["res"]

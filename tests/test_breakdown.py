@@ -222,14 +222,16 @@ def test_every_record_carries_a_prediction_with_its_inputs(records, run_id):
         assert p["comm_ms_per_token"] > 0 or p["schedule"] == "in_flight"
 
 
-def test_a_compiled_rows_compute_is_its_own_step_less_the_eager_collectives():
+def test_a_compiled_rows_step_is_its_own_whole_the_eager_collectives_not_subtracted():
+    """The eager profiled batch's communication (synced, unfused) says nothing about the
+    compiled program's: its step is taken whole, and no latency is added on top of it."""
     from gptbench.figures import rank_step_compute_s
 
     phase = {"decode_step_median": {"compute_s": 0.010, "communication_s": 0.004,
                                     "waiting_s": 0.001}}
     assert rank_step_compute_s({"decode_steps": 3}, phase) == 0.010
     compiled = {"decode_steps": 3, "compiled_marks_s": [0.0, 0.5, 0.508, 0.516, 0.524]}
-    assert rank_step_compute_s(compiled, phase) == pytest.approx(0.008 - 0.005)
+    assert rank_step_compute_s(compiled, phase) == pytest.approx(0.008)
 
 
 def test_one_segment_of_decode_steps_is_averaged():
@@ -244,3 +246,61 @@ def test_one_segment_of_decode_steps_is_averaged():
     assert median["wall_s"] == pytest.approx(1.0)  # 4 s over 4 steps
     assert median["waiting_s"] == pytest.approx((0.4 + 0.05) / 4)
     assert phases[1]["decode_step_calls"] == {"isend": 0.5}  # counted where posted
+
+
+def device_call(op, kind, group, post, kernel_s):
+    """A call as the CUDA path logs it: placed at its post, lasting its NCCL kernel."""
+    return [op, kind, list(group), 4, post, post, post + kernel_s, kernel_s]
+
+
+def test_nccl_kernel_times_split_by_the_groups_shortest_kernel():
+    # Rank 0's kernel spun 30 us waiting for rank 1, whose kernel (arriving last) took 7 us:
+    # the transfer is 7 us on both, rank 0 waited 30 us. Host posts do not matter here.
+    logs = {0: [device_call("all_reduce", "collective", (0, 1), 1.000, 37e-6)],
+            1: [device_call("all_reduce", "collective", (0, 1), 0.999, 7e-6)]}
+    split = split_calls(logs)
+    (s0,), (s1,) = split["calls"][0], split["calls"][1]
+    assert s0[1] == pytest.approx(30e-6) and s0[2] == pytest.approx(7e-6)
+    assert s1[1] == pytest.approx(0.0) and s1[2] == pytest.approx(7e-6)
+    assert split["unmatched"] == {0: 0, 1: 0}
+    block, _ = time_breakdown({r: profile(c, [0.9, 1.0, 1.1]) for r, c in logs.items()})
+    assert "NCCL kernel" in block["source"] and "syncs around it" not in block["source"]
+
+
+def test_a_compiled_tp_rows_prediction_adds_no_latency_to_its_compiled_step():
+    """Compiled tp=2: the profiled batch ran eagerly (its all-reduces tracked); the compiled
+    batch's step (8 ms, collectives inside) is the prediction's compute, and no all-reduce
+    latency is added on top (the eager batch's would count them twice)."""
+    from gptbench import sharding
+    from gptbench.figures import predicted
+    from gptbench.roofline import ModelDims
+    from gptbench.topology import Grid
+
+    dims = ModelDims.of({"n_layer": 2, "n_head": 2, "n_embd": 8, "vocab_size": 16,
+                         "n_positions": 32})
+    lay = sharding.layout(dims, 1, 2, 1, 1, 1, 4, 4, 4)
+    grid = Grid(2, 1, 2, 1)
+    marks = [0.0, 0.1, 0.2, 0.3, 0.4]  # eager: prefill, then 3 decode steps of 100 ms
+    calls = [call("all_reduce", "collective", (0, 1), t, end=t + 0.04) for t in (0.15, 0.25, 0.35)]
+    ranks = [{"rank": r, "profile": {**profile(calls, marks), "decode_steps": 3,
+                                     "compiled_marks_s": [1.0, 1.1, 1.108, 1.116, 1.124],
+                                     "latency_s": {"all_reduce:32": 0.001}}}
+             for r in (0, 1)]
+    out, why = predicted(lay, grid, ranks, {"tpot_ms": {"p50": 8.0}})
+    assert why is None
+    assert out["compute_ms_per_step"] == [pytest.approx(8.0)]
+    assert out["tpot_ms"] == pytest.approx(8.0)  # the compiled step, nothing added
+    assert "none added" in out["latency_source"]
+    assert "whole step time" in out["compute_source"]
+
+
+def test_without_nccl_kernel_times_the_fractions_are_null_and_say_why():
+    """TORCH_NCCL_ENABLE_TIMING off: the calls have no kernel time; zero communication
+    would be a made-up number, so the fractions are null and the source says why."""
+    logs = {r: [call("all_reduce", "collective", (0, 1), 1.0, end=1.0)] for r in (0, 1)}
+    profiles = {r: {**profile(c, [0.9, 1.0, 1.1]),
+                    "comm_timing_error": "RuntimeError: getDuration only works if timing was enabled"}
+                for r, c in logs.items()}
+    block, _ = time_breakdown(profiles)
+    assert block["communication"] is None and block["compute"] is None
+    assert "NCCL kernel times unavailable: RuntimeError: getDuration" in block["source"]

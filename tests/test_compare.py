@@ -173,13 +173,13 @@ def test_a_gate_that_compared_nothing_is_exit_2(suites):
         for path in (side / "runs").glob("*pu-*.json"):
             def cpu(record):
                 if record["metrics"]:
-                    record["metrics"]["gpu_utilization_pct"] = None
-                record["null_reasons"]["metrics.gpu_utilization_pct"] = "no GPU on this rank (cpu)"
+                    record["metrics"]["roofline"] = None
+                record["null_reasons"]["metrics.roofline"] = "this CPU: no known peak memory bandwidth"
             edit_run(side, path.stem, cpu)
-    text, exit_code = compare(base, candidate, parse_fail_on("gpu_utilization_pct:5"))
+    text, exit_code = compare(base, candidate, parse_fail_on("roofline:5"))
     assert exit_code == 2
-    assert ("--fail-on gpu_utilization_pct.mean (null in base: no GPU on this rank (cpu)) compared nothing"
-            in text)
+    assert ("--fail-on roofline.fraction_of_peak (null in base: this CPU: no known peak memory "
+            "bandwidth) compared nothing" in text)
     assert compare(base, candidate, parse_fail_on("throughput_tokens_per_s:5,bubble_fraction:5"))[1] == 0
 
 
@@ -223,3 +223,79 @@ def test_the_command_takes_several_gates_and_allow_missing(suites, capsys):
                      "--allow-missing"]) == 0
     assert cli.main(["compare", str(base), str(candidate), "--fail-on", "compile_s:5"]) == 2
     assert "compile_s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["gpu_utilization_pct:5", "gpu_utilization_pct.mean:1"])
+def test_gpu_utilisation_never_gates_higher_is_not_better(suites, spec):
+    """NVML's utilisation counts an NCCL kernel spin-waiting for a peer as busy: a pipeline
+    with bubbles or a straggling tensor rank reads higher, so it must not rank runs."""
+    base, candidate = suites
+    with pytest.raises(UserError, match="kernel-resident.*ranks nothing"):
+        compare(base, candidate, parse_fail_on(spec))
+
+
+# ---- gates that know noise: intervals and Mann-Whitney on per-batch figures ----------------
+
+def with_batches(rates: list[float], interval_from=None):
+    """An edit giving 4gpu-dp4 per-batch figures at `rates` tokens/s (1 s each) and the 95 %
+    intervals the record would carry (the real bootstrap)."""
+    from gptbench import stats
+
+    def edit(record):
+        m = record["metrics"]
+        m["batches"] = {"tokens": [round(r) for r in rates], "wall_s": [1.0] * len(rates),
+                        "ttft_ms_p50": [m["ttft_ms"]["p50"]] * len(rates),
+                        "tpot_ms_p50": [m["tpot_ms"]["p50"]] * len(rates)}
+        m["throughput_tokens_per_s"] = sum(round(r) for r in rates) / len(rates)
+        factors = stats.ratio_factors(m["batches"]["tokens"], m["batches"]["wall_s"])
+        m["intervals"] = {"throughput_tokens_per_s": [m["throughput_tokens_per_s"] * f
+                                                      for f in stats.percentile_interval(factors)]}
+    return edit
+
+
+NOISY = [400, 900, 500, 850, 450, 800, 600, 700]       # mean 650, wide spread
+NOISY_SLOWER = [360, 820, 430, 760, 400, 700, 520, 640]  # mean ~579: 11 % slower
+CLEAN = [648, 652, 650, 649, 651, 650, 652, 648]
+CLEAN_SLOWER = [578, 582, 580, 579, 581, 580, 582, 578]  # ~11 % slower, no overlap
+
+
+@pytest.mark.parametrize("noise", ["intervals", "mann-whitney"])
+def test_a_noisy_pair_beyond_the_limit_is_within_noise(suites, noise):
+    base, candidate = suites
+    edit_run(base, "4gpu-dp4", with_batches(NOISY))
+    edit_run(candidate, "4gpu-dp4", with_batches(NOISY_SLOWER))
+    text, exit_code = compare(base, candidate, THROUGHPUT_GATE, noise=noise)
+    assert exit_code == 0, text
+    line = next(line for line in text.splitlines() if "WITHIN NOISE" in line)
+    assert "11.0% worse, limit 5%" in line
+    assert ("95 % intervals overlap" if noise == "intervals" else "Mann-Whitney p=") in line
+    assert "1 change(s) beyond a limit within noise" in text
+    assert f"--noise {noise}" in text  # the output says which rule decided
+
+
+@pytest.mark.parametrize("noise", ["intervals", "mann-whitney"])
+def test_a_clean_pair_beyond_the_limit_fails_and_says_why(suites, noise):
+    base, candidate = suites
+    edit_run(base, "4gpu-dp4", with_batches(CLEAN))
+    edit_run(candidate, "4gpu-dp4", with_batches(CLEAN_SLOWER))
+    text, exit_code = compare(base, candidate, THROUGHPUT_GATE, noise=noise)
+    assert exit_code == 1, text
+    regression = next(line for line in text.splitlines() if line.strip().startswith("4gpu-dp4 throughput"))
+    assert "10.8% worse, limit 5%" in regression
+    assert ("95 % intervals apart" if noise == "intervals" else "Mann-Whitney p=") in regression
+
+
+def test_without_intervals_or_with_noise_none_the_percentage_alone_decides(suites):
+    base, candidate = suites
+    edit_run(candidate, "4gpu-tp2-dp2", scale_throughput(0.8))  # fixture records: no intervals
+    text, exit_code = compare(base, candidate, THROUGHPUT_GATE)
+    assert exit_code == 1 and "percentage alone (no 95 % interval" in text
+    edit_run(base, "4gpu-dp4", with_batches(NOISY))
+    edit_run(candidate, "4gpu-dp4", with_batches(NOISY_SLOWER))
+    text, exit_code = compare(base, candidate, THROUGHPUT_GATE, noise="none")
+    assert exit_code == 1 and "4gpu-dp4 throughput_tokens_per_s: 11.0% worse, limit 5%; percentage alone (--noise none)" in text
+
+
+def test_an_unknown_noise_rule_is_a_user_error(suites):
+    with pytest.raises(UserError, match="--noise"):
+        compare(*suites, THROUGHPUT_GATE, noise="t-test")

@@ -1,5 +1,5 @@
 """Compiled decode pieces, in one process on the tiny model: effective modes and refusals,
-the static-cache generator and a pipeline stage with one cache per micro-batch, each
+the compiled-step generator and a pipeline stage with one cache per micro-batch, each
 against Hugging Face `generate` of the same weights. (Every strategy compiled on real
 multi-process runs: test_strategies.py.)"""
 import pytest
@@ -9,7 +9,7 @@ from gptbench import compiled
 from gptbench.config import load_config
 from gptbench.errors import UserError
 from gptbench.runplan import resolve
-from gptbench.strategies.base import StaticLM
+from gptbench.strategies.base import StepLM
 
 TINY = "deepspeed_configs/tiny-cpu.yaml"
 T, N = 32, 8  # tiny-cpu.yaml's input_len and output_len: shapes the demo compiles too
@@ -63,66 +63,68 @@ def test_in_flight_needs_a_micro_batch_per_stage():
     assert resolve(flush, 2).micro_batches == 1
 
 
-def test_heads_per_block_reads_conv1d_and_linear(tiny_model):
-    from gptbench.autotp import apply_linear_blocks
-
-    model = tiny_model()
-    assert compiled.heads_per_block(model) == [5] * 4
+def test_block_heads_reads_conv1d_and_linear(tiny_model):
     import copy
 
+    from gptbench.autotp import apply_linear_blocks
+    from gptbench.step import Role
+
+    model = tiny_model()
+    assert Role.whole(model).heads == [5] * 4
     linear = copy.deepcopy(model)
     apply_linear_blocks(linear)  # AutoTP's Linear layout (out, in)
-    assert compiled.heads_per_block(linear) == [5] * 4
+    assert Role.whole(linear).heads == [5] * 4
+
+
+OPTIONS = compiled.InductorOptions(mode="default")
 
 
 @torch.no_grad()
-def test_static_lm_compiled_equals_generate(tiny_model):
+def test_step_lm_compiled_equals_generate(tiny_model):
     from gptbench import runner
 
     model = tiny_model()
     ids = torch.randint(0, model.config.vocab_size, (4, T), generator=torch.Generator().manual_seed(1))
     ref = reference(model, ids, N)
-    import copy
-
-    net = copy.deepcopy(model)
-    net.compile(**compiled.compile_kwargs("default"))
-    gen = StaticLM(net, net, T + N, torch.device("cpu"), torch.float32, cudagraphs=False)
-    for _ in range(2):  # the second batch reuses the cache, zeroed in place
-        tokens, logits, _ = runner.generate_batch(gen, ids, N)
-        assert torch.equal(tokens, ref)
+    gen = StepLM(model, OPTIONS, T + N, torch.device("cpu"), torch.float32)
+    with compiled.compiling(OPTIONS):
+        for _ in range(2):  # the second batch reuses the cache, its position reset
+            tokens, logits, _ = runner.generate_batch(gen, ids, N)
+            assert torch.equal(tokens, ref)
     assert len(gen.caches) == 1
 
 
 @torch.no_grad()
-def test_stage_compiles_once_for_all_micro_batches(tiny_model):
-    """One Stage holding every layer, two micro-batches with their own static caches: the
-    compiled graphs are one per shape (prefill, decode), not one per micro-batch, and each
-    micro-batch decodes exactly like `generate` of its own sequences."""
+def test_stage_runs_every_micro_batch_over_its_own_cache(tiny_model):
+    """One Stage holding every layer, two micro-batches with their own static caches,
+    interleaved as the in-flight schedule runs them: each decodes exactly like `generate`
+    of its own sequences, a second generation over the same caches too. Each cache has its
+    own graphs (prefill and decode): its addresses are guarded, so a graph never reads
+    another micro-batch's cache."""
     import copy
 
     from gptbench.strategies.pipeline import BlockLayer, EmbedLayer, HeadLayer, PipeState, Stage
 
     model = copy.deepcopy(tiny_model())
-    model.config._attn_implementation = "sdpa"
     t = model.transformer
     layers = ([EmbedLayer(t.wte, t.wpe)] + [BlockLayer(b, i) for i, b in enumerate(t.h)]
               + [HeadLayer(t.ln_f, model.lm_head)])
-    stage = Stage(layers, model.config, compiled.heads_per_block(model),
-                  PipeState(torch.device("cpu")), torch.device("cpu"), torch.float32,
-                  "default", T + N)
+    stage = Stage(layers, model.config, PipeState(torch.device("cpu")), torch.device("cpu"),
+                  torch.float32, OPTIONS, T + N)
     ids = torch.randint(0, model.config.vocab_size, (4, T), generator=torch.Generator().manual_seed(2))
     ref = reference(model, ids, N)
     chunks = ids.chunk(2)
     before = compiled.snapshot()
-    for _ in range(2):  # a second generation over the same caches
-        stage.begin(2, 2)
-        out = [[] for _ in chunks]
-        x = list(chunks)
-        for _ in range(N):
-            for k in range(2):  # interleaved, as the in-flight schedule runs them
-                token = stage.run(x[k], k).argmax(-1)
-                out[k].append(token)
-                x[k] = token[:, None]
-        assert torch.equal(torch.cat([torch.stack(o, 1) for o in out]), ref)
+    with compiled.compiling(OPTIONS):
+        for _ in range(2):  # a second generation over the same caches
+            stage.begin(2, 2)
+            out = [[] for _ in chunks]
+            x = list(chunks)
+            for _ in range(N):
+                for k in range(2):
+                    token, _ = stage.run(x[k], k)
+                    out[k].append(token)
+                    x[k] = token[:, None]
+            assert torch.equal(torch.cat([torch.stack(o, 1) for o in out]), ref)
     stats = compiled.CompileStats.since(before)
-    assert stats.graphs == 2 and stats.graph_breaks == 0
+    assert stats.graphs == 2 * 2 and stats.graph_breaks == 0

@@ -152,6 +152,14 @@ def test_negative_warmup_refused_zero_allowed():
     assert "workload.warmup" in error_of(None, ["workload.warmup=-1"])
 
 
+def test_min_duration_and_max_cv_are_checked():
+    cfg = load_config(None, ["workload.min_duration_s=10", "workload.max_cv_pct=5"])
+    assert (cfg.workload.min_duration_s, cfg.workload.max_cv_pct) == (10.0, 5.0)
+    assert load_config(None, []).workload.min_duration_s == 0.0  # iterations alone by default
+    assert "workload.min_duration_s: must be >= 0" in error_of(None, ["workload.min_duration_s=-1"])
+    assert "workload.max_cv_pct: must be positive" in error_of(None, ["workload.max_cv_pct=0"])
+
+
 @pytest.mark.parametrize("key, bad, good", [
     ("workload.dtype", "fp16", "float16"),
     ("model.weights", "randomised", "random"),

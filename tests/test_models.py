@@ -67,3 +67,18 @@ def test_a_hub_model_missing_from_an_offline_cache_says_how_to_get_it(tmp_path, 
     msg = str(e.value)
     assert "gpt2-xl is not in the Hugging Face cache and HF_HUB_OFFLINE=1" in msg
     assert "--set model.name=/path/to/gpt2-xl" in msg and "model.weights=random" in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_random_weights_are_drawn_on_the_cpu_whatever_the_device(dtype):
+    """A CUDA device's generator draws different numbers on different cards (mixed GPUs,
+    different weights, parity fails): the weights come from the CPU generator, then move.
+    Shown with the meta device, which draws nothing: the CPU generator must advance exactly
+    as far as for a CPU build."""
+    cpu = load_model("tiny", "random", "tiny", dtype, torch.device("cpu"), seed=3)
+    after_cpu = torch.random.get_rng_state()
+    meta = load_model("tiny", "random", "tiny", dtype, torch.device("meta"), seed=3)
+    assert torch.equal(torch.random.get_rng_state(), after_cpu)
+    assert next(meta.parameters()).device.type == "meta"
+    again = load_model("tiny", "random", "tiny", dtype, torch.device("cpu"), seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(cpu.parameters(), again.parameters()))

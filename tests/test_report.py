@@ -95,7 +95,7 @@ def test_md_table_row_holds_the_formatted_numbers(rendered):
     md = (rendered[0] / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| 4gpu-tp2-dp2 | tensor_data_hybrid"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert cells == ["4gpu-tp2-dp2", "tensor_data_hybrid", "4", "dp2 tp2 pp1", "ok", "353.4", "2.19x", "54.8%",
+    assert cells == ["4gpu-tp2-dp2", "tensor_data_hybrid", "4", "dp2 tp2 pp1", "ok", "—", "353.4", "2.19x", "54.8%",
                      "weak", "1457.5", "47.0%"]
 
 
@@ -387,3 +387,76 @@ def test_a_speedup_beyond_linear_is_called_suspect(tmp_path):
     assert sentence.startswith("More than linear speedup (2gpu-dp2 159%, 4gpu-dp4 156%): usually the baseline "
                                "(1gpu-dp1) ran slower than it can")
     assert "--only 1gpu-dp1" in sentence
+
+
+def test_utilisation_is_labelled_kernel_resident_beside_the_stages_work(rendered):
+    from gptbench.report.render import util_text
+
+    suite_dir, _ = rendered
+    assert "GPU kernel-resident (not work)" in (suite_dir / "report.md").read_text()
+    assert "GPU kernel-resident (not work)" in (suite_dir / "report.html").read_text()
+    assert util_text(97.0, [0.5, None, 0.7]) == "97.0% · stage busy 60%"
+    assert util_text(None, None) == "—"
+
+
+# ---- intervals, validity and energy --------------------------------------------------------
+
+def with_interval(low, high):
+    def edit_record(record):
+        record["metrics"]["intervals"] = {"throughput_tokens_per_s": [low, high]}
+    return edit_record
+
+
+def test_the_recommendation_says_when_the_best_two_cannot_be_told_apart(tmp_path):
+    from gptbench.report.recommend import recommendations
+
+    suite_dir = copy_suite(tmp_path / "suite")
+    # 4 ranks: dp4 624.6 and tp2-dp2 353.4 apart; 2 ranks: dp2 317.3 and tp2 181.6 made to overlap
+    edit(suite_dir, "2gpu-dp2", with_interval(150.0, 480.0))
+    edit(suite_dir, "2gpu-tp2", with_interval(100.0, 330.0))
+    edit(suite_dir, "4gpu-dp4", with_interval(610.0, 640.0))
+    edit(suite_dir, "4gpu-tp2-dp2", with_interval(340.0, 366.0))
+    sentences = recommendations(load_runs(suite_dir)[0])
+    assert sentences[1].startswith("2 ranks: pure_data_parallel (2gpu-dp2), 317.3 ± 165.0 tokens/s, "
+                                   "1.75x the next best, tensor_data_hybrid (2gpu-tp2), but 2gpu-dp2 and "
+                                   "2gpu-tp2 are not distinguishable on this machine")
+    assert sentences[2].startswith("4 ranks: pure_data_parallel (4gpu-dp4), 624.6 ± 15.0 tokens/s")
+    assert "not distinguishable" not in sentences[2]
+    # one interval only: nothing can be said either way
+    edit(suite_dir, "2gpu-tp2", lambda r: r["metrics"].pop("intervals"))
+    assert "not distinguishable" not in recommendations(load_runs(suite_dir)[0])[1]
+
+
+def test_invalid_runs_are_flagged_with_their_reasons_and_intervals_show_as_plus_minus(tmp_path):
+    suite_dir = copy_suite(tmp_path / "suite")
+
+    def invalid(record):
+        record["metrics"]["validity"] = {"verdict": "invalid", "reasons": [
+            "pass-to-pass throughput CV 31.0 % above workload.max_cv_pct 10 %"], "checks": {}}
+        record["metrics"]["intervals"] = {"throughput_tokens_per_s": [600.0, 650.0],
+                                          "ttft_ms_p50": [100.0, 104.0]}
+    edit(suite_dir, "4gpu-dp4", invalid)
+    edit(suite_dir, "2gpu-dp2", lambda r: r["metrics"].update(
+        validity={"verdict": "valid", "reasons": [], "checks": {}}))
+    render_report(suite_dir)
+    md = (suite_dir / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 4gpu-dp4 | pure_data"))
+    assert "| INVALID: pass-to-pass throughput CV 31.0 % above workload.max_cv_pct 10 % | 624.6 ± 25.0 |" in row
+    assert next(line for line in md.splitlines() if line.startswith("| 2gpu-dp2 | pure_data")).count("| valid |") == 1
+    latency_row = [line for line in md.splitlines() if line.startswith("| 4gpu-dp4 |")][1]
+    assert " ± 2.0 |" in latency_row
+    html = (suite_dir / "report.html").read_text()
+    assert '<tr class="invalid"><td>4gpu-dp4</td>' in html
+    rows = list(csv.DictReader((suite_dir / "summary.csv").open()))
+    dp4 = next(r for r in rows if r["run_id"] == "4gpu-dp4")
+    assert dp4["validity"] == "invalid" and dp4["throughput_tokens_per_s_ci95"] == "600 650"
+
+
+def test_energy_columns_and_chart_from_the_records_that_have_it(rendered):
+    suite_dir, written = rendered
+    md = (suite_dir / "report.md").read_text()
+    # fixture: 2 GPUs, 5930.5 + 5977.9 J over 24.206 s for 7680 tokens
+    assert "| 11908.4 | 492.0 | 1.55 |" in md
+    assert "energy.png" in written
+    assert charts.energy_chart([r for r in load_runs(suite_dir)[0] if r["run_id"] != "1gpu-dp1"
+                                and r["run_id"] != "2gpu-dp2"]) is None  # no energy: no chart

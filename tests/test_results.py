@@ -102,6 +102,19 @@ def test_reserved_memory_when_every_rank_has_it():
     assert "metrics.peak_reserved_bytes" not in reasons
 
 
+def test_device_level_memory_beside_the_allocators_peak():
+    ranks = [rank(0, memory=3000), rank(1, memory=5000)]
+    m, reasons = results.aggregate_metrics(ranks, Grid(2, 2, 1, 1), 1)
+    assert m["device_memory_used_bytes"] is None and "CUDA" in reasons[
+        "metrics.device_memory_used_bytes"]
+    for r, used in zip(ranks, (9000, 8000)):
+        r["device_used_bytes"] = used  # total - free on the device: NCCL's buffers included
+    m, reasons = results.aggregate_metrics(ranks, Grid(2, 2, 1, 1), 1)
+    assert m["device_memory_used_bytes"]["per_rank"] == [9000, 8000]
+    assert m["device_memory_used_bytes"]["max"] == 9000
+    assert "metrics.device_memory_used_bytes" not in reasons
+
+
 def test_gpu_utilisation_null_on_cpu_with_the_reason():
     m, reasons = results.aggregate_metrics([rank(0), rank(1)], Grid(2, 2, 1, 1), 1)
     assert m["gpu_utilization_pct"] is None
@@ -111,7 +124,9 @@ def test_gpu_utilisation_null_on_cpu_with_the_reason():
 def test_gpu_utilisation_mean_and_per_rank():
     m, reasons = results.aggregate_metrics([rank(0, util=80.0), rank(1, util=60.0)],
                                            Grid(2, 2, 1, 1), 1)
-    assert m["gpu_utilization_pct"] == {"mean": 70.0, "per_rank": [80.0, 60.0]}
+    util = m["gpu_utilization_pct"]
+    assert {k: util[k] for k in ("mean", "per_rank")} == {"mean": 70.0, "per_rank": [80.0, 60.0]}
+    assert util["kind"] == "kernel-resident" and "spin-waiting" in util["source"]
     assert "metrics.gpu_utilization_pct" not in reasons
 
 

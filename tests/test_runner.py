@@ -5,6 +5,7 @@ import torch
 
 from gptbench import parity, runner
 from gptbench.strategies.base import CachedLM, Step
+from gptbench.trackers.timing import Stamps
 
 B, V = 2, 16
 
@@ -134,8 +135,8 @@ def test_exactly_output_len_tokens_one_prefill_then_single_token_decodes(output_
     log = Log(range(100))
     gen = FakeGen(log)
     ids = batch(7)
-    tokens, logits, bt = runner.generate_batch(gen, ids, output_len, clock=log.clock,
-                                               sync=log.sync)
+    stamps = Stamps(torch.device("cpu"), clock=log.clock, sync=log.sync)
+    tokens, logits, bt = runner.generate_batch(gen, ids, output_len, stamps)
     assert tokens.shape == (B, output_len)
     assert log.names().count("prefill") == 1 and log.names().count("decode") == output_len - 1
     # each decode is fed only the previous step's tokens: one per sequence

@@ -91,3 +91,49 @@ def test_unfinished_runs_keep_no_stale_figure_and_inputs_are_not_changed():
     derived = by_id([base, failed])["2r-dp"]["metrics"]
     assert all(derived[k] is None for k in results.DERIVED_KEYS)
     assert failed["metrics"]["scaling"] == "weak" and base["metrics"]["speedup"] == 9.9
+
+
+# ---- the speedup's interval: a bootstrap of the ratio from the two runs' batches -----------
+
+def with_batches(rec, tokens, wall):
+    rec["metrics"]["batches"] = {"tokens": tokens, "wall_s": wall}
+    rec["metrics"]["intervals"] = {"throughput_tokens_per_s": None}
+    return rec
+
+
+def test_speedup_interval_brackets_the_speedup_and_efficiency_is_it_over_ranks():
+    base = with_batches(record("1r-dp", "pure_data_parallel", 1, 150.0),
+                        [16] * 8, [0.1, 0.12, 0.09, 0.11, 0.1, 0.13, 0.1, 0.1])
+    run = with_batches(record("2r-dp", "pure_data_parallel", 2, 300.0),
+                       [32] * 8, [0.1, 0.11, 0.1, 0.09, 0.12, 0.1, 0.1, 0.1])
+    m = by_id([base, run])["2r-dp"]["metrics"]
+    low, high = m["intervals"]["speedup"]
+    assert low < m["speedup"] == 2.0 < high
+    assert m["intervals"]["parallel_efficiency"] == pytest.approx([low / 2, high / 2])
+    assert "bootstrap of the ratio" in m["intervals"]["ratio_method"]
+    # the baseline against itself draws the same resamples: exactly 1
+    assert by_id([base, run])["1r-dp"]["metrics"]["intervals"]["speedup"] == [1.0, 1.0]
+
+
+def test_noisier_batches_give_a_wider_speedup_interval():
+    base = with_batches(record("1r-dp", "pure_data_parallel", 1, 150.0), [16] * 8, [0.1] * 8)
+    steady = with_batches(record("2r-dp", "pure_data_parallel", 2, 300.0), [32] * 8,
+                          [0.1, 0.101, 0.099, 0.1, 0.1, 0.1, 0.101, 0.099])
+    noisy = with_batches(record("2r-dp", "pure_data_parallel", 2, 300.0), [32] * 8,
+                         [0.06, 0.14, 0.08, 0.12, 0.1, 0.07, 0.13, 0.1])
+
+    def width(run):
+        low, high = by_id([base, run])["2r-dp"]["metrics"]["intervals"]["speedup"]
+        return high - low
+    assert width(noisy) > 10 * width(steady) > 0
+
+
+def test_without_batches_or_baseline_the_interval_is_null_with_the_reason():
+    base = record("1r-dp", "pure_data_parallel", 1, 150.0)  # written before batches existed
+    run = with_batches(record("2r-dp", "pure_data_parallel", 2, 300.0), [32] * 4, [0.1] * 4)
+    derived = by_id([base, run])["2r-dp"]
+    assert derived["metrics"]["intervals"]["speedup"] is None
+    assert derived["null_reasons"]["metrics.intervals.speedup"] == scaling.NO_BATCHES
+    alone = by_id([run])["2r-dp"]
+    assert alone["null_reasons"]["metrics.intervals.parallel_efficiency"] == scaling.NO_BASELINE
+    assert "intervals" not in by_id([base])["1r-dp"]["metrics"]  # an old record stays as it was

@@ -149,6 +149,28 @@ def test_compiled_runs_compile_once_without_graph_breaks(records, run_id):
     assert m["compile"]["graphs_while_measuring"] == 0  # warm-up covered every shape
 
 
+@pytest.mark.parametrize("run_id", [k for k in COMPILED if k != "hf-compiled"])
+def test_compiled_runs_use_gptbench_step_with_the_cache_in_place(records, run_id):
+    """Every strategy's compiled rank runs gptbench's step (step.py), whatever its role (a
+    whole replica, a tensor shard, a pipeline stage): its decode graph copies no cache
+    buffer, returns none, and takes the step's inputs only (input, position, K and V of the
+    blocks the rank holds), parameters frozen."""
+    r = records[run_id]
+    assert r["engine"]["step"] == "gptbench"
+    assert r["engine"]["inductor"]["freezing"] is True
+    assert r["engine"]["inductor"]["fullgraph"] is True
+    graph = r["metrics"]["compile"]["decode_graph"]
+    assert graph["cache_copies"] == 0 and graph["cache_outputs"] == 0
+    assert graph["inputs"] == 2 + graph["cache_inputs"], graph
+    assert graph["cache_inputs"] > 0
+
+
+def test_eager_and_baseline_rows_name_their_step(records):
+    for run_id in ("dp2", "tp2", "pp2-m2", "hf-compiled"):
+        assert records[run_id]["engine"]["step"] == "hf"
+        assert records[run_id]["engine"]["inductor"] is None
+
+
 def test_first_compiled_run_of_a_process_compiles(records):
     """The first compiled configuration of each sweep really compiled, prefill and decode."""
     for run_id in ("dp1-compiled", "tp2-compiled", "full-compiled"):

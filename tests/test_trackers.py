@@ -56,7 +56,7 @@ def test_cpu_peak_rss_grows_by_a_held_allocation():
     tracker.stop()
     del tensor
     assert tracker.kind == "rss"
-    assert tracker.peak_reserved_bytes() is None
+    assert tracker.peak_reserved_bytes() is None and tracker.device_used_bytes() is None
     assert tracker.peak_bytes() - tracker.baseline_bytes == pytest.approx(ALLOCATION_BYTES, rel=0.1)
 
 
@@ -91,6 +91,7 @@ def test_cuda_peak_allocated_grows_by_a_known_allocation():
     assert tracker.kind == "cuda_allocated"
     assert tracker.peak_bytes() - tracker.baseline_bytes == pytest.approx(ALLOCATION_BYTES, rel=0.1)
     assert tracker.peak_reserved_bytes() >= tracker.peak_bytes()
+    assert tracker.device_used_bytes() >= tracker.peak_reserved_bytes()  # context on top
 
 
 # --- GPU utilisation --------------------------------------------------------------------
@@ -293,3 +294,87 @@ def test_latency_table_interpolates_by_size_and_prefers_the_world_size():
     assert table.lookup_us("all_reduce", 2, 4, world_size=4) == 900.0
     assert table.lookup_us("p2p", 2, 4) is None
     assert LatencyTable(fixed_us=7.0).lookup_us("barrier", 4, 0) == 7.0
+
+
+# --- communication on the device path (CUDA: NCCL Work durations, no syncs) ---------------
+
+class StandInWork:
+    """What an NCCL Work offers the tracker: wait() and get_duration() (milliseconds)."""
+
+    def __init__(self, ms: float, log: list):
+        self.ms, self.log = ms, log
+
+    def wait(self, *args):
+        self.log.append("wait")
+        return True
+
+    def get_duration(self) -> float:
+        self.log.append("get_duration")
+        return self.ms
+
+
+def stand_in_dist(log: list):
+    """A module with torch.distributed's signatures whose operations return StandInWorks;
+    the blocking send must never be called on the device path (it would block the host)."""
+    fake = types.ModuleType("fake_dist")
+
+    def all_reduce(tensor, op=None, group=None, async_op=False):
+        log.append(f"all_reduce async_op={async_op}")
+        return StandInWork(0.006, log) if async_op else None
+
+    def isend(tensor, dst=None, group=None, tag=0, group_dst=None):
+        log.append(f"isend dst={dst}")
+        return StandInWork(0.004, log)
+
+    def send(tensor, dst=None, group=None, tag=0, group_dst=None):
+        raise AssertionError("the blocking send was called")
+
+    fake.all_reduce, fake.isend, fake.send = all_reduce, isend, send
+    return fake
+
+
+def test_device_path_times_calls_by_their_work_not_by_syncs(gloo_world_of_one):
+    log: list = []
+    fake = stand_in_dist(log)
+    tracker = CommTracker(CPU, log_calls=True, device_timing=True, dist_module="fake_dist",
+                          targets=())
+    with tracker, tracker.wrap(fake, "all_reduce"), tracker.wrap(fake, "send"):
+        assert fake.all_reduce(torch.ones(4)) is None  # still blocking to its caller
+        fake.send(torch.ones(2), dst=0)
+        assert log == ["all_reduce async_op=True", "wait", "isend dst=0", "wait"]
+    assert log[-2:] == ["get_duration", "get_duration"]  # read after the batch, not inside
+    reduce, send = tracker.log
+    assert reduce.device_s == pytest.approx(6e-6) and send.device_s == pytest.approx(4e-6)
+    assert reduce.end_s - reduce.start_s == pytest.approx(6e-6)
+    assert reduce.as_list()[7] == reduce.device_s and send.kind == "send"
+    assert tracker.by_op["fake_dist.all_reduce"].seconds == pytest.approx(6e-6)
+    assert tracker.method == "nccl_work_duration" and tracker.timing_error is None
+
+
+def test_device_path_on_gloo_says_why_it_has_no_kernel_times(gloo_world_of_one):
+    """gloo's Work has no duration: the call is still made and logged, the reason kept."""
+    tensor = torch.ones(8)
+    with CommTracker(CPU, log_calls=True, device_timing=True) as tracker:
+        torch.distributed.all_reduce(tensor)
+    assert torch.equal(tensor, torch.ones(8))
+    (call,) = tracker.log
+    assert call.device_s is None and tracker.timing_error
+
+
+def test_the_host_clock_path_stays_on_cpu():
+    assert CommTracker(CPU).method == "host_clock_with_device_syncs"
+    assert CommTracker(torch.device("cuda", 0)).method == "nccl_work_duration"
+
+
+def test_latency_is_the_groups_shortest_kernel_where_every_member_has_one():
+    """CUDA: each probe iteration's latency is the group's shortest NCCL kernel (the last
+    to arrive spins least), not our host span with its launch and sync; where a member has
+    no kernel time (gloo, timing off) the host clock's span after the last issue."""
+    from gptbench.trackers.latency import after_last_arrival_s, kernel_seconds
+
+    host = [{"host": "h", "ref": 0.0, "spans": [(1.0, 1.5, 37e-6), (2.0, 2.5, 9e-6)]},
+            {"host": "h", "ref": 0.0, "spans": [(1.2, 1.5, 7e-6), (2.1, 2.5, 30e-6)]}]
+    assert after_last_arrival_s(host, [0, 1], 0) == pytest.approx((7e-6 + 9e-6) / 2)
+    no_kernel = [{**e, "spans": [s[:2] + (None,) for s in e["spans"]]} for e in host]
+    assert after_last_arrival_s(no_kernel, [0, 1], 0) == pytest.approx((0.3 + 0.4) / 2)
+    assert kernel_seconds(None) is None and kernel_seconds(StandInWork(0.006, [])) == 6e-6

@@ -46,15 +46,38 @@ def label_configurations(ax, labels: list[str]) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
+def error_bars(runs: list[dict], value_path: str, interval_path: str, scale: float = 1.0):
+    """matplotlib's yerr (2 x N: below, above) from each run's 95 % interval; 0 where a run
+    has none (its bar then has no whisker); None when no run has one."""
+    below, above, any_interval = [], [], False
+    for run in runs:
+        value, interval = value_at(run, value_path), value_at(run, interval_path)
+        if isinstance(interval, list) and len(interval) == 2 and None not in interval:
+            below.append(max(0.0, value - interval[0]) * scale)
+            above.append(max(0.0, interval[1] - value) * scale)
+            any_interval = True
+        else:
+            below.append(0.0)
+            above.append(0.0)
+    return [below, above] if any_interval else None
+
+
 def throughput_chart(records: list[dict]) -> Figure | None:
     runs = finished_with(records, "metrics.throughput_tokens_per_s")
     if not runs:
         return None
     ax = new_figure().add_subplot()
-    ax.bar(range(len(runs)), [r["metrics"]["throughput_tokens_per_s"] for r in runs])
+    yerr = error_bars(runs, "metrics.throughput_tokens_per_s", "metrics.intervals.throughput_tokens_per_s")
+    bars = ax.bar(range(len(runs)), [r["metrics"]["throughput_tokens_per_s"] for r in runs],
+                  yerr=yerr, capsize=4 if yerr else 0)
+    for bar, run in zip(bars, runs):  # an invalid run's bar is hatched
+        if value_at(run, "metrics.validity.verdict") == "invalid":
+            bar.set_hatch("//")
+            bar.set_alpha(0.6)
     label_configurations(ax, [r["run_id"] for r in runs])
     ax.set_ylabel("generated tokens/s, all replicas")
-    ax.set_title("Throughput by configuration")
+    ax.set_title("Throughput by configuration" + (" (whiskers: 95 % interval; hatched: invalid)"
+                                                  if yerr else ""))
     return ax.figure
 
 
@@ -66,9 +89,11 @@ def speedup_chart(records: list[dict]) -> Figure | None:
     ranks = sorted({1} | {r["topology"]["world_size"] for r in runs})
     ax.plot(ranks, ranks, "k--", label="ideal (speedup = ranks)")
     for strategy in sorted({r["strategy"] for r in runs}, key=strategy_sort_key):
-        points = sorted((r["topology"]["world_size"], r["metrics"]["speedup"])
-                        for r in runs if r["strategy"] == strategy)
-        ax.plot(*zip(*points), marker="o", label=strategy)
+        mine = sorted((r for r in runs if r["strategy"] == strategy),
+                      key=lambda r: r["topology"]["world_size"])
+        yerr = error_bars(mine, "metrics.speedup", "metrics.intervals.speedup")
+        ax.errorbar([r["topology"]["world_size"] for r in mine], [r["metrics"]["speedup"] for r in mine],
+                    yerr=yerr, marker="o", capsize=4 if yerr else 0, label=strategy)
     ax.set_xticks(ranks)
     ax.set_xlabel("ranks")
     ax.set_ylabel("speedup over the baseline run")
@@ -87,7 +112,8 @@ def efficiency_chart(records: list[dict]) -> Figure | None:
     if not runs:
         return None
     ax = new_figure().add_subplot()
-    ax.bar(range(len(runs)), [100 * r["metrics"]["parallel_efficiency"] for r in runs])
+    ax.bar(range(len(runs)), [100 * r["metrics"]["parallel_efficiency"] for r in runs],
+           yerr=error_bars(runs, "metrics.parallel_efficiency", "metrics.intervals.parallel_efficiency", 100))
     ax.axhline(100, color="k", linestyle="--", label="ideal")
     label_configurations(ax, [r["run_id"] for r in runs])
     ax.set_ylabel("parallel efficiency, % (speedup / ranks)")
@@ -195,10 +221,31 @@ def roofline_chart(records: list[dict]) -> Figure | None:
     return ax.figure
 
 
+def energy_chart(records: list[dict]) -> Figure | None:
+    """Joules per generated token (bars) and average watts (marks, right axis): NVML's
+    energy counter over the timed passes, summed over the run's GPUs."""
+    runs = finished_with(records, "metrics.energy.joules_per_token")
+    if not runs:
+        return None
+    ax = new_figure().add_subplot()
+    ax.bar(range(len(runs)), [r["metrics"]["energy"]["joules_per_token"] for r in runs], color="C2",
+           label="J per generated token")
+    label_configurations(ax, [r["run_id"] for r in runs])
+    ax.set_ylabel("joules per generated token")
+    watts = ax.twinx()
+    watts.plot(range(len(runs)), [r["metrics"]["energy"]["average_watts"] for r in runs], "ko",
+               label="average W (all GPUs)")
+    watts.set_ylabel("average watts, all GPUs")
+    watts.set_ylim(bottom=0)
+    ax.set_title("Energy per token over the timed passes (NVML)")
+    return ax.figure
+
+
 # file name -> (caption, chart); the report shows them in this order.
 CHARTS = {
-    "throughput.png": ("Throughput by configuration", throughput_chart),
-    "speedup.png": ("Speedup vs ideal (dashed: speedup = number of ranks)", speedup_chart),
+    "throughput.png": ("Throughput by configuration (whiskers: 95 % interval)", throughput_chart),
+    "speedup.png": ("Speedup vs ideal (dashed: speedup = number of ranks; whiskers: 95 % interval)",
+                    speedup_chart),
     "efficiency.png": ("Parallel efficiency", efficiency_chart),
     "latency.png": ("Latency percentiles: TTFT and TPOT p50/p90/p99", latency_chart),
     "memory.png": ("Memory per rank: measured peak (bars) and the model's weights + KV cache (marks)",
@@ -206,6 +253,8 @@ CHARTS = {
     "breakdown.png": ("Time breakdown per configuration: compute, communication, waiting", breakdown_chart),
     "tpot_predicted.png": ("TPOT: measured p50 vs predicted", predicted_tpot_chart),
     "roofline.png": ("Measured vs roofline-predicted throughput", roofline_chart),
+    "energy.png": ("Energy per generated token (bars) and average power (marks), GPU runs only",
+                   energy_chart),
 }
 
 

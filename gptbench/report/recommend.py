@@ -37,12 +37,35 @@ def name(run: dict) -> str:
     return f"{run['strategy']} ({run['run_id']})"
 
 
+def interval(run: dict) -> list[float] | None:
+    ci = value_at(run, "metrics.intervals.throughput_tokens_per_s")
+    return ci if isinstance(ci, list) and len(ci) == 2 and None not in ci else None
+
+
+def plus_minus(run: dict) -> str:
+    ci = interval(run)
+    return f" ± {(ci[1] - ci[0]) / 2:.1f}" if ci else ""
+
+
+def indistinguishable(best: dict, second: dict) -> str | None:
+    """The sentence saying two configurations' throughputs cannot be told apart: each lies
+    within the other's 95 % interval. None when they can, or without intervals."""
+    a, b = interval(best), interval(second)
+    if not a or not b or not (a[0] <= throughput(second) <= a[1] and b[0] <= throughput(best) <= b[1]):
+        return None
+    return (f"{best['run_id']} and {second['run_id']} are not distinguishable on this machine "
+            "(each throughput lies within the other's 95 % interval)")
+
+
 def for_rank_count(ranks: int, runs: list[dict]) -> str:
     """"N ranks: <best>, X tokens/s, Yx the next best, <second>, Zx one rank. Why: ..."."""
     best = runs[0]
-    head = f"{ranks} rank{'s' if ranks != 1 else ''}: {name(best)}, {throughput(best):.1f} tokens/s"
+    head = (f"{ranks} rank{'s' if ranks != 1 else ''}: {name(best)}, {throughput(best):.1f}"
+            f"{plus_minus(best)} tokens/s")
     if len(runs) > 1:
         head += f", {throughput(best) / throughput(runs[1]):.2f}x the next best, {name(runs[1])}"
+        tie = indistinguishable(best, runs[1])
+        head += f", but {tie}" if tie else ""
     else:
         head += ", the only configuration measured at this rank count"
     speedup, scaling = value_at(best, "metrics.speedup"), value_at(best, "metrics.scaling")

@@ -30,7 +30,12 @@ SUMMARY_COLUMNS = {
     "world_size": "topology.world_size", "dp": "topology.dp", "tp": "topology.tp", "pp": "topology.pp",
     "micro_batches": "topology.micro_batches",
     "nodes": "topology.nodes",
-    "throughput_tokens_per_s": "metrics.throughput_tokens_per_s", "speedup": "metrics.speedup",
+    "throughput_tokens_per_s": "metrics.throughput_tokens_per_s",
+    "throughput_tokens_per_s_ci95": "metrics.intervals.throughput_tokens_per_s",
+    "speedup": "metrics.speedup", "speedup_ci95": "metrics.intervals.speedup",
+    "validity": "metrics.validity.verdict", "timed_passes": "metrics.timed_passes.count",
+    "energy_joules": "metrics.energy.joules", "energy_joules_per_token": "metrics.energy.joules_per_token",
+    "average_watts": "metrics.energy.average_watts",
     "parallel_efficiency": "metrics.parallel_efficiency", "scaling": "metrics.scaling",
     "baseline_run_id": "metrics.baseline_run_id",
     "ttft_ms_p50": "metrics.ttft_ms.p50", "ttft_ms_p99": "metrics.ttft_ms.p99",
@@ -107,6 +112,8 @@ def write_summary_csv(records: list[dict], path: Path) -> Path:
 
 
 def csv_value(value):
+    if isinstance(value, list):  # an interval: "low high"
+        return " ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in value)
     return "" if value is None else value
 
 
@@ -209,14 +216,22 @@ def table_row(record: dict) -> dict:
         "status": record["status"],
         "status_text": status_text(record),
         "error": record.get("error") or MISSING,
-        "throughput": fmt(at("metrics.throughput_tokens_per_s"), ".1f"),
-        "speedup": fmt(at("metrics.speedup"), ".2f", "x"),
-        "efficiency": fmt(at("metrics.parallel_efficiency"), ".1%"),
+        "throughput": fmt(at("metrics.throughput_tokens_per_s"), ".1f")
+        + plus_minus(at("metrics.intervals.throughput_tokens_per_s"), ".1f"),
+        "speedup": fmt(at("metrics.speedup"), ".2f", "x") + plus_minus(at("metrics.intervals.speedup"), ".2f"),
+        "efficiency": fmt(at("metrics.parallel_efficiency"), ".1%")
+        + plus_minus(at("metrics.intervals.parallel_efficiency"), ".1%"),
+        "validity": validity_text(at("metrics.validity")),
+        "invalid": at("metrics.validity.verdict") == "invalid",
+        "energy_j": fmt(at("metrics.energy.joules"), ".1f"),
+        "watts": fmt(at("metrics.energy.average_watts"), ".1f"),
+        "j_per_token": fmt(at("metrics.energy.joules_per_token"), ".3g"),
         "e2e_mean_ms": fmt(at("metrics.e2e_ms.mean"), ".1f"),
-        "gpu_util": fmt(at("metrics.gpu_utilization_pct.mean"), ".1f", "%"),
-        "ttft_p50_ms": fmt(at("metrics.ttft_ms.p50"), ".1f"),
+        "gpu_util": util_text(at("metrics.gpu_utilization_pct.mean"),
+                              at("metrics.bubble_fraction.stage_busy_fraction")),
+        "ttft_p50_ms": fmt(at("metrics.ttft_ms.p50"), ".1f") + plus_minus(at("metrics.intervals.ttft_ms_p50"), ".1f"),
         "ttft_p99_ms": fmt(at("metrics.ttft_ms.p99"), ".1f"),
-        "tpot_p50_ms": fmt(at("metrics.tpot_ms.p50"), ".1f"),
+        "tpot_p50_ms": fmt(at("metrics.tpot_ms.p50"), ".1f") + plus_minus(at("metrics.intervals.tpot_ms_p50"), ".2f"),
         "tpot_p99_ms": fmt(at("metrics.tpot_ms.p99"), ".1f"),
         "memory_per_rank": memory_text(at("metrics.peak_memory_bytes.per_rank"), at("metrics.peak_memory_bytes.kind")),
         "model_memory_per_rank": memory_text(at("metrics.model_memory_bytes.per_rank")),
@@ -231,8 +246,32 @@ def table_row(record: dict) -> dict:
     }
 
 
+def util_text(kernel_resident_pct, stage_busy) -> str:
+    """NVML's kernel-resident share, and for pipelines the stages' busy share (the work)."""
+    text = fmt(kernel_resident_pct, ".1f", "%")
+    busy = [b for b in stage_busy or [] if b is not None]
+    if busy:
+        text += f" · stage busy {sum(busy) / len(busy):.0%}"
+    return text
+
+
 def fmt(value, spec: str, suffix: str = "") -> str:
     return MISSING if value is None else f"{value:{spec}}{suffix}"
+
+
+def plus_minus(interval, spec: str) -> str:
+    """" ± h", h half the width of the 95 % interval [low, high]; "" without one."""
+    if not isinstance(interval, list) or len(interval) != 2 or None in interval:
+        return ""
+    return f" ± {(interval[1] - interval[0]) / 2:{spec}}"
+
+
+def validity_text(validity) -> str:
+    if not isinstance(validity, dict) or validity.get("verdict") is None:
+        return MISSING
+    if validity["verdict"] == "valid":
+        return "valid"
+    return "INVALID: " + "; ".join(validity.get("reasons") or ["no reason recorded"])
 
 
 def grid_text(record: dict) -> str:

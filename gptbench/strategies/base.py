@@ -67,44 +67,41 @@ class CachedLM:
         return self._run(tokens[:, None])
 
 
-class StaticLM:
-    """Greedy stepping over a static KV cache, through a (possibly compiled) forward.
+class StepLM:
+    """Greedy stepping through gptbench's compiled step (gptbench/step.py) over the modules
+    DeepSpeed built (`module`: the model, whole or AutoTP-sharded).
 
-    `forward` is the model or DeepSpeed engine whose module was compiled; `model` the Hugging
-    Face module it runs (its config and, after AutoTP, its sharded head counts size the cache).
-    One cache per batch size (a parity probe may be smaller than the workload's batches); a
-    new batch starts by zeroing the cache in place, so CUDA graphs keep their addresses.
-    """
+    One KV cache per batch size (a parity probe may be smaller than the workload's batches);
+    a new batch only resets the cache's position, so the buffers keep their addresses. Tokens
+    and logits stay on the device; under CUDA graphs they are cloned out of the graph's
+    output buffers, which the next replay rewrites."""
 
-    def __init__(self, forward, model, max_len: int, device, dtype, cudagraphs: bool):
-        self.forward, self.model = forward, model
+    def __init__(self, module, options, max_len: int, device, dtype):
+        from gptbench import step
+
+        self.module, self.options = module, options
         self.max_len, self.device, self.dtype = max_len, device, dtype
-        self.cudagraphs = cudagraphs
+        self.role = step.Role.whole(module, options.attention)
+        self.fn = options.compile(step.forward)
         self.caches: dict[int, object] = {}
         self.cache = None
-
-    @property
-    def module(self):
-        return getattr(self.forward, "module", self.forward)
 
     def _run(self, ids: torch.Tensor) -> Step:
         from gptbench.compiled import mark_step
 
-        if self.cudagraphs:
+        if self.options.cudagraphs:
             mark_step()
-        out = self.forward(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :]  # (B, V)
-        if self.cudagraphs:
-            logits = logits.clone()  # the graph's output buffer is rewritten by the next replay
-        return Step(tokens=logits.argmax(dim=-1), logits=logits, input_len=ids.shape[1])
+        tokens, logits = self.fn(self.role, self.cache, ids)
+        if self.options.cudagraphs:
+            tokens, logits = tokens.clone(), logits.clone()
+        return Step(tokens=tokens, logits=logits, input_len=ids.shape[1])
 
     def prefill(self, input_ids):
-        from gptbench.compiled import heads_per_block, static_cache
+        from gptbench.step import KVCache
 
         batch = input_ids.shape[0]
         if batch not in self.caches:
-            self.caches[batch] = static_cache(self.model.config, heads_per_block(self.model),
-                                              batch, self.max_len, self.dtype, self.device)
+            self.caches[batch] = KVCache(self.role, batch, self.max_len, self.dtype, self.device)
         self.cache = self.caches[batch]
         self.cache.reset()
         return self._run(input_ids)

@@ -5,8 +5,9 @@ DeepSpeed, nothing sharded):
   scripts run it;
 - `hf_compiled`: Hugging Face `generate(..., cache_implementation="static")` with its
   compile config (transformers compiles the decode step itself, CUDA graphs on CUDA).
-  `generate` runs the whole loop, so its times come from a streamer: TTFT when the first
-  new token reaches the host, TPOT between later ones (what a streaming user sees).
+  `generate` runs the whole loop, so its times come from a logits processor that marks
+  each step's logits (trackers/timing.py Stamps, as every generator): TTFT at the first new
+  token's logits, TPOT between later ones.
 """
 from __future__ import annotations
 
@@ -26,17 +27,16 @@ def build(ctx: RankContext):
                       w.input_len + w.output_len)
 
 
-class _Stamps:
-    """A `generate` streamer that notes when each batch of tokens reaches the host."""
+class _Marks:
+    """A logits processor that marks when each step's logits exist (it runs once per new
+    token, on the device's stream, reading nothing back: no synchronisation of its own)."""
 
-    def __init__(self, clock):
-        self.clock, self.stamps = clock, []
+    def __init__(self, stamps):
+        self.stamps, self.marks = stamps, []
 
-    def put(self, value):
-        self.stamps.append(self.clock())
-
-    def end(self):
-        pass
+    def __call__(self, input_ids, scores):
+        self.marks.append(self.stamps.mark())
+        return scores
 
 
 class _StopAt:
@@ -77,24 +77,22 @@ class HFGenerate:
     def module(self):
         return self.model
 
-    def generate_timed(self, ids, output_len: int, clock, sync, hook):
+    def generate_timed(self, ids, output_len: int, stamps, hook):
         """(tokens (B, n), [logits (B, V) per step], BatchTiming) of one `generate` call."""
-        hook("prefill")
-        streamer = _Stamps(clock)
-        sync()
-        start = clock()
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        hook("prefill")
+        marks = _Marks(stamps)
+        start = stamps.mark()
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                   generation_config=self.generation_config,
                                   stopping_criteria=StoppingCriteriaList(
                                       [_StopAt(ids.shape[1] + output_len)]),
-                                  streamer=streamer, output_logits=True,
-                                  return_dict_in_generate=True)
-        sync()
-        end = clock()
-        stamps = streamer.stamps[1:]  # the first put is the prompt itself
-        first = stamps[0] if stamps else end
-        tpot = [b - a for a, b in zip(stamps, stamps[1:])]
-        timing = BatchTiming(ttft_s=first - start, tpot_s=tpot, e2e_s=end - start)
+                                  logits_processor=LogitsProcessorList([marks]),
+                                  output_logits=True, return_dict_in_generate=True)
+        end = stamps.mark()
+        seconds = stamps.seconds(start, marks.marks + [end])
+        tokens = seconds[:-1] or seconds
+        tpot = [b - a for a, b in zip(tokens, tokens[1:])]
+        timing = BatchTiming(ttft_s=tokens[0], tpot_s=tpot, e2e_s=seconds[-1])
         return out.sequences[:, ids.shape[1]:], list(out.logits), timing

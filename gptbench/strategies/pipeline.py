@@ -9,7 +9,8 @@ per shape). Two schedules over the same partition, topology and process groups:
   the first stage by p2p, which starts k's next step while the other micro-batches are still
   in later stages: the pipeline fills and drains once per generation (bubble ~
   (p-1)/(N*m+p-1) for N tokens). Non-blocking sends, no barrier, no host sync in the loop
-  (on CUDA the token times are events read after the batch). The last stage broadcasts the
+  (timed like every generator: on CUDA events read after the batch). The last stage
+  broadcasts the
   batch's tokens over the pipe group once at the end, so every rank returns them.
 - `flush`: one `PipelineEngine.eval_batch` per token (DeepSpeed's schedule: fill, drain and
   a global barrier every token; bubble (p-1)/(m+p-1)); the last stage broadcasts each
@@ -90,43 +91,44 @@ class Stage:
     """This rank's layers as one function of (input, micro-batch), one KV cache each.
 
     Input: token ids (mb, T) on the first stage, hidden states (mb, T, d) elsewhere.
-    Output: hidden states, or the last position's logits (mb, V) on the last stage."""
+    Output: hidden states, or on the last stage (tokens (mb,), last-position logits (mb, V)).
+    Compiled (`options`): gptbench's step (gptbench/step.py) over static caches, one graph
+    per shape and cache. Eager: the Hugging Face blocks over their dynamic cache."""
 
-    def __init__(self, layers, config, heads: list[int], state: PipeState, device, dtype,
-                 mode: str, max_len: int):
-        from gptbench.compiled import compile_kwargs
+    def __init__(self, layers, config, state: PipeState, device, dtype, options, max_len: int):
+        from gptbench import step
 
-        self.embed = next((l for l in layers if isinstance(l, EmbedLayer)), None)
+        embed = next((l for l in layers if isinstance(l, EmbedLayer)), None)
         self.blocks = [l for l in layers if isinstance(l, BlockLayer)]
-        self.head = next((l for l in layers if isinstance(l, HeadLayer)), None)
-        self.config, self.heads, self.state = config, heads, state
-        self.device, self.dtype, self.mode, self.max_len = device, dtype, mode, max_len
-        self.cudagraphs = mode == "reduce-overhead"
-        self.fn = (self.forward if mode == "off"
-                   else torch.compile(self.forward, **compile_kwargs(mode)))
-        self.caches: dict[int, list] = {}  # micro-batch size -> [(cache, next position)] per k
+        head = next((l for l in layers if isinstance(l, HeadLayer)), None)
+        self.config, self.state, self.options = config, state, options
+        self.device, self.dtype, self.max_len = device, dtype, max_len
+        self.role = step.Role(
+            [l.block for l in self.blocks], config.n_embd // config.n_head,
+            wte=embed.wte if embed else None, wpe=embed.wpe if embed else None,
+            ln_f=head.ln_f if head else None, lm_head=head.lm_head if head else None,
+            attention=options.attention if options else "math")
+        self.fn = options.compile(step.forward) if options else self.hf_forward
+        self.caches: dict[int, list] = {}  # micro-batch size -> one cache per micro-batch
         self.active: list = []
+
+    @property
+    def compiled(self) -> bool:
+        return self.options is not None
 
     def begin(self, mb_size: int, m: int) -> None:
         """A new generation of m micro-batches of mb_size sequences: empty caches."""
-        from gptbench import compiled
+        from gptbench.step import KVCache
 
-        if self.mode == "off":  # eager: Hugging Face's dynamic cache, grown as it goes
-            from transformers import DynamicCache
-
-            self.active = [(DynamicCache(config=self.config), torch.zeros(
-                (), dtype=torch.long, device=self.device)) for _ in range(m)]
+        if not self.compiled:  # eager: Hugging Face's dynamic cache, grown as it goes
+            self.active = [_HFCache(self.config, self.device) for _ in range(m)]
             return
         if len(self.caches.get(mb_size, [])) < m:
-            layers = [b.index for b in self.blocks]
-            self.caches[mb_size] = [
-                (compiled.static_cache(self.config, self.heads, mb_size, self.max_len,
-                                       self.dtype, self.device, layers),
-                 compiled.static_counter(self.device)) for _ in range(m)]
+            self.caches[mb_size] = [KVCache(self.role, mb_size, self.max_len, self.dtype,
+                                            self.device) for _ in range(m)]
         self.active = self.caches[mb_size][:m]
-        for cache, position in self.active:
+        for cache in self.active:
             cache.reset()
-            position.zero_()
 
     def precompile(self, mb_size: int, m: int, input_len: int, n_embd: int) -> None:
         """Compile (and on CUDA record) every shape on this stage alone, on dummy inputs:
@@ -135,7 +137,7 @@ class Stage:
         from gptbench.compiled import WARMUP_CALLS
 
         def dummy(length):
-            if self.embed is not None:
+            if self.role.is_first:
                 return torch.zeros((mb_size, length), dtype=torch.long, device=self.device)
             return torch.zeros((mb_size, length, n_embd), dtype=self.dtype, device=self.device)
 
@@ -145,33 +147,49 @@ class Stage:
                 self.run(dummy(input_len), k)
                 self.run(dummy(1), k)
 
-    def run(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        cache, position = self.active[k]
-        if self.cudagraphs:
-            from gptbench.compiled import mark_step
+    def run(self, x: torch.Tensor, k: int):
+        cache = self.active[k]
+        if not (self.compiled and self.options.cudagraphs):
+            return self.state.timed(self.fn, self.role, cache, x)
+        from gptbench.compiled import mark_step
 
+        def replay():  # the graph's output buffers are rewritten by the next replay
             mark_step()
-            return self.state.timed(lambda: self.fn(x, cache, position).clone())
-        return self.state.timed(self.fn, x, cache, position)
+            out = self.fn(self.role, cache, x)
+            return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
-    def forward(self, x, cache, position):
+        return self.state.timed(replay)
+
+    def hf_forward(self, role, cache, x):
+        """The eager path: Hugging Face's blocks, masks and dynamic cache."""
         from transformers.masking_utils import create_causal_mask
 
         length = x.shape[1]
-        pos = torch.arange(length, device=x.device) + position  # (T,)
-        position.add_(length)
-        if self.embed is not None:
-            x = self.embed.wte(x) + self.embed.wpe(pos)  # (mb, T, d)
+        pos = torch.arange(length, device=x.device) + cache.position  # (T,)
+        cache.position += length
+        if role.is_first:
+            x = role.wte(x) + role.wpe(pos)  # (mb, T, d)
         if self.blocks:
             # Sized against this stage's first block: its cache layer knows how far we are.
             mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None,
-                                      cache=cache, position_ids=pos[None],
+                                      cache=cache.cache, position_ids=pos[None],
                                       layer_idx=self.blocks[0].index)
             for layer in self.blocks:
-                x = layer.block(x, cache, mask, use_cache=True, position_ids=pos[None])
-        if self.head is not None:
-            x = self.head.lm_head(self.head.ln_f(x[:, -1:, :]))[:, -1, :]  # (mb, V)
-        return x
+                x = layer.block(x, cache.cache, mask, use_cache=True, position_ids=pos[None])
+        if not role.is_last:
+            return x
+        logits = role.lm_head(role.ln_f(x[:, -1:, :]))[:, -1, :]  # (mb, V)
+        return logits.argmax(dim=-1), logits
+
+
+class _HFCache:
+    """A micro-batch's dynamic cache and next position, for the eager path."""
+
+    def __init__(self, config, device):
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=config)
+        self.position = 0
 
 
 class _Peers:
@@ -194,34 +212,6 @@ class _Peers:
         return self.next is None
 
 
-class _Stamps:
-    """When tokens appear on this rank: CUDA events (read after the batch, no host sync in
-    the loop) on GPUs, the host clock on CPU."""
-
-    def __init__(self, device, clock, sync):
-        self.events = device.type == "cuda"
-        self.clock, self.sync = clock, sync
-        self.start = None
-
-    def mark(self):
-        if self.events:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return self.clock()
-
-    def begin(self):
-        self.sync()
-        self.start = self.mark()
-
-    def seconds(self, marks):
-        """Seconds since `begin` of each mark (nested lists kept)."""
-        if self.events:
-            torch.cuda.synchronize()
-            return [[self.start.elapsed_time(e) / 1e3 for e in row] for row in marks]
-        return [[t - self.start for t in row] for row in marks]
-
-
 class InFlightGenerator:
     """The in-flight schedule; `generate_timed` runs a whole batch (runner.generate_batch)."""
 
@@ -233,7 +223,7 @@ class InFlightGenerator:
         return self.engine.module
 
     def precompile(self, ids: torch.Tensor) -> None:
-        if self.stage.mode != "off":
+        if self.stage.compiled:
             self.stage.precompile(ids.shape[0] // self.m, self.m, ids.shape[1], self.n_embd)
 
     def _recv_hidden(self, mb: int, length: int):
@@ -245,18 +235,17 @@ class InFlightGenerator:
         buf = torch.empty((mb,), dtype=torch.long, device=self.stage.device)
         return self.stage.state.recv(buf, self.peers.last)
 
-    def generate_timed(self, ids, output_len: int, clock, sync, hook):
+    def generate_timed(self, ids, output_len: int, stamps, hook):
         peers, m = self.peers, self.m
         b, length = ids.shape
         mb = b // m
         chunks = ids.chunk(m)  # (mb, T) each; only the first stage reads them
         self.stage.begin(mb, m)
-        stamps = _Stamps(self.stage.device, clock, sync)
         sends, marks = [], [[] for _ in range(m)]
         tokens = [[] for _ in range(m)]
         logits = [[None] * m for _ in range(output_len)]
         hook("prefill")
-        stamps.begin()
+        start = stamps.mark()
         for step in range(output_len):
             if step == 1:
                 hook("decode")
@@ -269,8 +258,8 @@ class InFlightGenerator:
                 if not peers.is_last:
                     sends.append(torch.distributed.isend(y, peers.next))
                     continue
-                token = y.argmax(-1)  # (mb,)
-                logits[step][k], marks[k] = y, marks[k] + [stamps.mark()]
+                token, logits[step][k] = y  # (mb,), (mb, V)
+                marks[k].append(stamps.mark())
                 tokens[k].append(token)
                 if step < output_len - 1:
                     sends.append(torch.distributed.isend(token, peers.first))
@@ -279,20 +268,20 @@ class InFlightGenerator:
         out = (torch.cat([torch.stack(t, dim=1) for t in tokens]) if peers.is_last
                else torch.empty((b, output_len), dtype=torch.long, device=ids.device))
         torch.distributed.broadcast(out, src=peers.last, group=peers.group)  # (B, n)
-        sync()
         end = stamps.mark()
-        return out, self._logits(logits), self._timing(stamps, marks, end)
+        return out, self._logits(logits), self._timing(stamps, start, marks, end)
 
     def _logits(self, logits):
         if not self.peers.is_last:
             return [None] * len(logits)
         return [torch.cat(row) for row in logits]  # (B, V) per step
 
-    def _timing(self, stamps, marks, end) -> BatchTiming:
+    def _timing(self, stamps, start, marks, end) -> BatchTiming:
         if not self.peers.is_last:  # no token appears here: only this rank's wall time
-            wall = stamps.seconds([[end]])[0][0]
+            wall = stamps.seconds(start, [end])[0]
             return BatchTiming(ttft_s=wall, tpot_s=[], e2e_s=wall)
-        seconds = stamps.seconds(marks)  # per micro-batch: when each of its tokens appeared
+        # per micro-batch: when each of its tokens appeared
+        seconds = [stamps.seconds(start, row) for row in marks]
         ttft = [row[0] for row in seconds]
         tpot = [b - a for row in seconds for a, b in zip(row, row[1:])]
         return BatchTiming(ttft_s=ttft[0], tpot_s=tpot, e2e_s=max(row[-1] for row in seconds),
@@ -308,7 +297,7 @@ class FlushGenerator:
         engine.module.forward_funcs = [self._stage_call]  # PipelineModule runs exactly this
 
     def precompile(self, ids: torch.Tensor) -> None:
-        if self.stage.mode != "off":
+        if self.stage.compiled:
             self.stage.precompile(ids.shape[0] // self.m, self.m, ids.shape[1], self.n_embd)
 
     @property
@@ -319,7 +308,8 @@ class FlushGenerator:
         k, self.next_k = self.next_k, self.next_k + 1  # eval_batch runs micro-batches in order
         # PipelineEngine marks received activations as requiring grad (it was made for
         # training): detached, they match what the stage was compiled for.
-        return self.stage.run(x.detach(), k)
+        out = self.stage.run(x.detach(), k)
+        return out[1] if isinstance(out, tuple) else out  # the last stage's logits
 
     def _run(self, ids: torch.Tensor) -> Step:
         self.next_k = 0
@@ -385,8 +375,6 @@ def partition_module(model, grid, cfg):
 def build(ctx: RankContext):
     import deepspeed
 
-    from gptbench.compiled import heads_per_block
-
     cfg, grid, model = ctx.cfg, ctx.grid, ctx.model
     if grid.tp > 1:
         from gptbench.autotp import apply_tp, heads_per_rank
@@ -394,7 +382,6 @@ def build(ctx: RankContext):
         apply_tp(model, grid.tp, ctx.tp_group, ctx.tp_ranks, ctx.dtype)
         ctx.info["heads_per_tp_rank"] = heads_per_rank(model.config.n_head, grid.tp)
     model.config._attn_implementation = "sdpa"
-    heads = heads_per_block(model)
     net = partition_module(model, grid, cfg)
     m = ctx.info["micro_batches"]
     ds_config = dsconfig.pipeline_config(cfg, m)
@@ -412,8 +399,8 @@ def build(ctx: RankContext):
     state = PipeState(ctx.device)
     ctx.info["pipe_state"] = state
     w = cfg.workload
-    stage = Stage(net.forward_funcs, model.config, heads, state, ctx.device, ctx.dtype,
-                  ctx.info["compile_mode"], w.input_len + w.output_len)
+    stage = Stage(net.forward_funcs, model.config, state, ctx.device, ctx.dtype,
+                  ctx.info.get("inductor"), w.input_len + w.output_len)
     peers = _Peers(grid, ctx.rank, engine.grid.get_pipe_parallel_group())
     if cfg.topology.pipeline_schedule == "flush":
         return FlushGenerator(engine, stage, peers, m, model.config.n_embd)

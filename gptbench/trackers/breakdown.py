@@ -54,10 +54,29 @@ def _participants(key: tuple, rank: int) -> list[int]:
     return [key[1], key[2]]
 
 
+def _device_s(call: list) -> float | None:
+    """The call's NCCL kernel time (trackers/comm.py's device path), or None."""
+    return call[7] if len(call) > 7 else None
+
+
+def _shortest_kernel(call, key, k: int, rank: int, logs, index) -> float | None:
+    """The shortest kernel time among the participants of the k-th call on `key`: the
+    last rank to arrive spins least, so its kernel is the transfer itself and what a rank
+    spent beyond it was waiting for peers. None where a peer's time is missing."""
+    times = [_device_s(call)]
+    for peer in _participants(key, rank):
+        if peer != rank:
+            times.append(_device_s(logs[peer][index[peer][key][k]]))
+    return None if any(t is None for t in times) else min(times)
+
+
 def split_calls(logs: dict[int, list], offsets_s: dict[int, float] | None = None) -> dict:
     """rank -> [(start_s, waiting_s, communication_s, op, post_s)] of every call it was
     blocked in (a non-blocking one at its wait, which may come much later than its post),
-    plus `unmatched` counts: {"calls": ..., "unmatched": {rank: n}}."""
+    plus `unmatched` counts: {"calls": ..., "unmatched": {rank: n}}.
+
+    A call with an NCCL kernel time (CUDA) is placed at its post and lasts its kernel time;
+    its communication is the shortest kernel of its group, the rest waiting."""
     offsets_s = offsets_s or {}
     index = _index(logs)
     out, unmatched = {}, {}
@@ -88,6 +107,10 @@ def split_calls(logs: dict[int, list], offsets_s: dict[int, float] | None = None
                         break
                     ready = max(ready, logs[peer][positions[k]][4] - offsets_s.get(peer, 0.0))
             waiting = min(blocked, max(0.0, ready - start)) if found else 0.0
+            if _device_s(call) is not None:  # NCCL kernel times: split against the group's
+                shortest = _shortest_kernel(call, key, k, rank, logs, index) if found else None
+                waiting = blocked - shortest if shortest is not None else 0.0
+                found = shortest is not None
             missing += not found
             spans.append((start, waiting, blocked - waiting, call[0],
                           call[4] - offsets_s.get(rank, 0.0)))
@@ -181,15 +204,31 @@ def time_breakdown(profiles: dict[int, dict]) -> tuple[dict, list[dict]]:
                              for k in ("wall", "compute", "communication", "waiting")},
                          "decode_step_calls": times["decode_step_calls"], "by_op": by_op})
     known = [f for f in per_rank if f["compute"] is not None]
-    mean = {k: (sum(f[k] for f in known) / len(known) if known else None)
-            for k in ("compute", "communication", "waiting")}
+    untimed = any(p.get("comm_timing_error") for p in profiles.values())
+    mean = {k: (sum(f[k] for f in known) / len(known) if known and not untimed else None)
+            for k in ("compute", "communication", "waiting")}  # untimed: no kernel times
     return {
         **mean,
         "per_rank": per_rank,
         "unmatched_calls": sum(split["unmatched"].values()),
-        "source": ("one separate profiled batch after the timed iterations, every "
-                   "torch.distributed call timed with device syncs around it; waiting = "
-                   "blocked before the last peer issued the call; communication = blocked "
-                   "after it (an upper bound: library overhead and, with more ranks than "
-                   f"cores, waiting for a core); compute = the rest; {clock_note}"),
+        "source": _source(profiles, clock_note),
     }, phases
+
+
+def _source(profiles: dict[int, dict], clock_note: str) -> str:
+    """How the profiled batch's calls were timed (trackers/comm.py), in words."""
+    calls = [c for p in profiles.values() for c in p["calls"]]
+    if calls and all(_device_s(c) is not None for c in calls):
+        return ("one separate profiled batch after the timed iterations, every "
+                "torch.distributed call timed by its NCCL kernel (Work.get_duration, "
+                "TORCH_NCCL_ENABLE_TIMING=1; no device syncs around calls); communication = "
+                "the shortest kernel of the call's group (the last to arrive spins least), "
+                "waiting = a rank's kernel time beyond it; compute = the rest of the step; "
+                + clock_note)
+    errors = {p.get("comm_timing_error") for p in profiles.values()} - {None}
+    return ("one separate profiled batch after the timed iterations, every "
+            "torch.distributed call timed with device syncs around it; waiting = "
+            "blocked before the last peer issued the call; communication = blocked "
+            "after it (an upper bound: library overhead and, with more ranks than "
+            f"cores, waiting for a core); compute = the rest; {clock_note}"
+            + (f"; NCCL kernel times unavailable: {sorted(errors)[0]}" if errors else ""))

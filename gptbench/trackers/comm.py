@@ -22,9 +22,19 @@ collective on every member, the k-th send a->b is the k-th receive on b from a.
 Non-blocking `isend`/`irecv` (and `async_op=True`) return a handle whose `wait()` is timed:
 the time blocked is the time inside `wait()`.
 
-Each call is bracketed by device synchronisation, so the time is the collective's, not the
-queue's; this serialises compute and communication that could overlap. Collectives replayed
-inside a CUDA graph never reach Python and are not counted.
+How a call is timed depends on the device (`device_timing`, on for CUDA):
+- CPU / gloo: the host clock, each call bracketed by device synchronisation (a no-op on
+  CPU), so the blocked span is the collective's.
+- CUDA / NCCL: never by synchronising around calls. On NCCL the launch and the sync cost
+  about as much as a small NVLink all-reduce (~10-30 us against ~6-8 us), so a synced span
+  would overstate communication about twice. Each torch.distributed call is issued
+  non-blocking (`async_op=True`; send/recv as isend/irecv), waited on as the blocking call
+  would (`work.wait()`: the current stream waits for NCCL's, the host does not), and its
+  NCCL kernel time is read after the batch from the `Work` (`work.get_duration()`, which
+  needs TORCH_NCCL_ENABLE_TIMING=1 before the group is made: the worker sets it). That time
+  includes the kernel spinning for late peers; trackers/breakdown.py splits it (the group's
+  shortest kernel is the transfer, the rest waiting). `Call.device_s` holds it.
+Collectives replayed inside a CUDA graph never reach Python and are not counted.
 """
 
 import contextlib
@@ -75,10 +85,11 @@ class Call:
     post_s: float
     start_s: float | None = None
     end_s: float | None = None
+    device_s: float | None = None  # the NCCL kernel's time (device_timing), else None
 
     def as_list(self) -> list:
         return [self.op, self.kind, list(self.group), self.nbytes, self.post_s,
-                self.start_s, self.end_s]
+                self.start_s, self.end_s, self.device_s]
 
 
 class _TimedWork:
@@ -117,11 +128,17 @@ class CommTracker:
 
     def __init__(self, device: torch.device, clock: Clock = time.perf_counter,
                  targets: tuple[tuple[str, str], ...] = DEFAULT_TARGETS,
-                 log_calls: bool = False):
+                 log_calls: bool = False, device_timing: bool | None = None,
+                 dist_module: str = TORCH_DIST):
         self.device = device
         self.clock = clock
         self.targets = targets
         self.log_calls = log_calls
+        # None: by the device (CUDA: the Work's kernel time; else the host clock)
+        self.device_timing = device.type == "cuda" if device_timing is None else device_timing
+        self.dist_module = dist_module  # the module whose calls are logged and issued
+        self.timing_error: str | None = None  # why a Work gave no duration
+        self._pending: list[tuple[Call, object, str]] = []  # (call, work, outermost op)
         self.by_op: dict[str, OpStats] = {}
         self.log: list[Call] = []
         self._inside = threading.local()
@@ -148,6 +165,28 @@ class CommTracker:
     def __exit__(self, *exc_info) -> None:
         self._stack.close()
         self._stack = None
+        self.resolve()
+
+    @property
+    def method(self) -> str:
+        return ("nccl_work_duration" if self.device_timing
+                else "host_clock_with_device_syncs")
+
+    def resolve(self) -> None:
+        """Read the kernel time of every call issued on the device path (after the work is
+        done: one device sync here, outside the calls) into its Call and its op's seconds."""
+        if not self._pending:
+            return
+        synchronize(self.device)
+        for call, work, outer in self._pending:
+            try:
+                call.device_s = work.get_duration() / 1e3  # milliseconds
+            except (RuntimeError, AttributeError) as error:  # timing off, or not NCCL
+                self.timing_error = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+                continue
+            call.start_s, call.end_s = call.post_s, call.post_s + call.device_s
+            self.by_op.setdefault(outer, OpStats()).seconds += call.device_s
+        self._pending.clear()
 
     def _ranks_of(self, group) -> tuple[int, ...]:
         key = id(group)
@@ -179,8 +218,8 @@ class CommTracker:
         """Time every call of `module.attr_name` until the block ends, then restore it."""
         original = getattr(module, attr_name)
         op_name = f"{module.__name__}.{attr_name}"
-        loggable = (self.log_calls and module.__name__ == TORCH_DIST
-                    and attr_name in (*COLLECTIVES, *P2P))
+        traced = module.__name__ == self.dist_module and attr_name in (*COLLECTIVES, *P2P)
+        loggable = traced and (self.log_calls or self.device_timing)
         signature = inspect.signature(original) if loggable else None
 
         def timed(*args, **kwargs):
@@ -188,6 +227,9 @@ class CommTracker:
             log_here = loggable and not getattr(self._inside, "logging", False)
             if not (outermost or log_here):
                 return original(*args, **kwargs)
+            if self.device_timing:
+                return self._on_device(module, original, op_name, attr_name, signature,
+                                       args, kwargs, outermost, log_here)
             synchronize(self.device)
             start_s = self.clock()
             self._inside.active = True
@@ -228,3 +270,55 @@ class CommTracker:
             call.start_s, call.end_s = start_s, self.clock()
             return result
         return _TimedWork(result, call, self) if result is not None else result
+
+    def _on_device(self, module, original, op_name, attr_name, signature, args, kwargs,
+                   outermost: bool, log_here: bool):
+        """The device path: no sync; a torch.distributed call is issued non-blocking, waited
+        on as the blocking call would be, and its Work kept for its kernel time."""
+        if outermost:
+            self._inside.active, self._inside.outer = True, op_name
+            self.by_op.setdefault(op_name, OpStats()).calls += 1
+        if log_here:
+            self._inside.logging = True
+        try:
+            if not log_here:  # an outer wrapper: its time is its torch.distributed calls'
+                return original(*args, **kwargs)
+            post_s = self.clock()
+            bound = signature.bind(*args, **kwargs)
+            result, work = _issue(module, original, attr_name, bound)
+            call = self._describe(attr_name, bound, result)
+            call.post_s = call.start_s = call.end_s = post_s
+            if work is not None:
+                self._pending.append((call, work, self._inside.outer))
+            if self.log_calls:
+                self.log.append(call)
+            return result
+        finally:
+            if log_here:
+                self._inside.logging = False
+            if outermost:
+                self._inside.active = False
+
+
+def _issue(module, original, attr_name: str, bound: inspect.BoundArguments):
+    """(what the caller gets back, the Work to time) of one torch.distributed call issued
+    non-blocking. A blocking call is waited on here, as torch would (`work.wait()`)."""
+    args = bound.arguments
+    if attr_name in ("isend", "irecv") or args.get("async_op"):
+        result = original(*bound.args, **bound.kwargs)
+        return result, result
+    if attr_name in ("send", "recv"):
+        peer = args.get("dst" if attr_name == "send" else "src")
+        tensor = args.get("tensor")
+        extra = {k: args[k] for k in ("group", "tag", "group_dst" if attr_name == "send"
+                                      else "group_src") if args.get(k) is not None}
+        issue = module.isend if attr_name == "send" else module.irecv
+        work = issue(tensor, peer, **extra)
+        if work is not None:
+            work.wait()
+        return (peer if attr_name == "recv" else None), work
+    bound.arguments["async_op"] = True
+    work = original(*bound.args, **bound.kwargs)
+    if work is not None:  # None: this rank is not in the group
+        work.wait()
+    return None, work

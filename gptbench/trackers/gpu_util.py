@@ -2,7 +2,10 @@
 
 NVML's `utilization.gpu` is the percentage of the last sample period (1/6 s to 1 s,
 depending on the product) during which at least one kernel ran; it is not SM occupancy,
-so a GPU running one tiny kernel at a time reads 100%. MIG instances report no utilisation.
+so a GPU running one tiny kernel at a time reads 100%, and so does an NCCL kernel spinning
+while it waits for a peer (a pipeline bubble, a straggling tensor rank). The record labels
+it `kernel-resident` and nothing ranks runs by it (results.UTIL_SOURCE); the pipeline's
+work figure is the stages' busy share. MIG instances report no utilisation.
 Without an NVIDIA driver (CPU runs) the result is None with the reason, never an exception.
 """
 

@@ -6,7 +6,9 @@ its ranks and threads). Every iteration starts after a barrier of all ranks, and
 of a kind run at once, as they do in a tp x dp or pp x dp run. The latency is taken the
 way the time breakdown splits a call (trackers/breakdown.py): from the moment the last
 participant issued the operation to the moment this rank got out of it, so the skew of
-the ranks leaving the barrier (waiting, not communication) is left out.
+the ranks leaving the barrier (waiting, not communication) is left out. On CUDA it is the
+group's shortest NCCL kernel (Work.get_duration, TORCH_NCCL_ENABLE_TIMING), which leaves
+out our own launch and sync as well; the host clock where kernel times are missing.
 
 Entries: {"op": all_reduce|p2p|p2p_ready|barrier|broadcast, "group_size",
 "concurrent_groups", "bytes", "latency_us" (median over iterations, mean over ranks),
@@ -35,26 +37,62 @@ def _tensor(nbytes: int, device, dtype=torch.float32) -> torch.Tensor:
     return torch.ones(max(1, nbytes // itemsize), dtype=dtype, device=device)
 
 
-def _spans(op, device, iterations: int) -> list[tuple[float, float]]:
-    """(issued, returned) of `op` in each iteration after the warm-up; an `op` that issues
-    its operation late returns when it did."""
+def _spans(op, device, iterations: int) -> list[tuple]:
+    """(issued, returned, kernel_s) of `op` in each iteration after the warm-up. `op`
+    returns None, the time it issued its operation (when late), an NCCL Work (CUDA: the
+    operation issued non-blocking and waited on), or (issued, Work). kernel_s: the Work's
+    NCCL kernel time (TORCH_NCCL_ENABLE_TIMING), read after the last iteration; None
+    without one (CPU, gloo, timing off)."""
     dist = torch.distributed
-    out = []
+    out, works = [], []
     for i in range(WARMUP + iterations):
         dist.barrier()
         synchronize(device)
         start = time.perf_counter()
         issued = op()
+        issued, work = issued if isinstance(issued, tuple) else (issued, None)
+        if hasattr(issued, "get_duration"):
+            issued, work = None, issued
         synchronize(device)
         if i >= WARMUP:
             out.append((issued if isinstance(issued, float) else start, time.perf_counter()))
-    return out
+            works.append(work)
+    synchronize(device)
+    return [(*span, kernel_seconds(work)) for span, work in zip(out, works)]
+
+
+def kernel_seconds(work) -> float | None:
+    """An NCCL Work's kernel time in seconds, or None where it has none."""
+    if work is None:
+        return None
+    try:
+        return work.get_duration() / 1e3  # milliseconds
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def after_last_arrival_s(everyone: list[dict], participants: list[int], me: int) -> float:
+    """Median over iterations of this rank's latency: with kernel times for every
+    participant (CUDA), the group's shortest kernel (the last to arrive spins least: its
+    kernel is the transfer, without our launch and sync); otherwise this rank's return
+    less the last participant's issue on the host clock (aligned at the barrier)."""
+    one_host = len({e["host"] for e in everyone}) == 1
+    ref = everyone[me]["ref"]
+    offset = {r: 0.0 if one_host else e["ref"] - ref for r, e in enumerate(everyone)}
+    out = []
+    for i, span in enumerate(everyone[me]["spans"]):
+        kernels = [(everyone[r]["spans"][i] + (None,))[2] for r in participants]
+        if all(k is not None for k in kernels):
+            out.append(min(kernels))
+            continue
+        last = max(everyone[r]["spans"][i][0] - offset[r] for r in participants)
+        out.append(max(0.0, span[1] - last))
+    return statistics.median(out)
 
 
 def _after_last_arrival(spans, participants, report: bool = True) -> float | None:
-    """Median over iterations of (this rank's return - the last participant's issue), or
-    None where `report` is false. Every rank of the world calls this with its own spans (it
-    gathers everyone's); clocks of ranks on other hosts are aligned at a barrier."""
+    """`after_last_arrival_s` of this rank, or None where `report` is false. Every rank of
+    the world calls this with its own spans (it gathers everyone's)."""
     dist = torch.distributed
     dist.barrier()
     mine = {"host": socket.gethostname(), "ref": time.perf_counter(), "spans": spans}
@@ -62,13 +100,7 @@ def _after_last_arrival(spans, participants, report: bool = True) -> float | Non
     dist.all_gather_object(everyone, mine)
     if not (report and spans and participants):
         return None
-    one_host = len({e["host"] for e in everyone}) == 1
-    offset = {r: 0.0 if one_host else e["ref"] - mine["ref"] for r, e in enumerate(everyone)}
-    out = []
-    for i, (_, end) in enumerate(spans):
-        last = max(everyone[r]["spans"][i][0] - offset[r] for r in participants)
-        out.append(max(0.0, end - last))
-    return statistics.median(out)
+    return after_last_arrival_s(everyone, participants, dist.get_rank())
 
 
 def probe_group_op(op: str, groups: list[list[int]], nbytes: int, device,
@@ -91,10 +123,18 @@ def probe_group_op(op: str, groups: list[list[int]], nbytes: int, device,
         _spans(lambda: None, device, iterations)  # keep the world's barriers in step
         return _after_last_arrival([], [], report=False)
     group = made[mine]
+    on_device = device.type == "cuda"  # NCCL: the Work's kernel time, not our syncs
+
+    def waited(work):
+        if work is not None:
+            work.wait()
+        return work
+
     calls = {
-        "all_reduce": lambda: dist.all_reduce(tensor, group=group),
-        "broadcast": lambda: dist.broadcast(tensor, src=mine[-1], group=group),
-        "barrier": lambda: dist.barrier(group=group),
+        "all_reduce": lambda: waited(dist.all_reduce(tensor, group=group, async_op=on_device)),
+        "broadcast": lambda: waited(dist.broadcast(tensor, src=mine[-1], group=group,
+                                                   async_op=on_device)),
+        "barrier": lambda: waited(dist.barrier(group=group, async_op=on_device)),
     }
     return _after_last_arrival(_spans(calls[op], device, iterations), list(mine))
 
@@ -113,6 +153,10 @@ def probe_p2p(pairs: list[tuple[int, int]], nbytes: int, device,
 
     def one_way():
         a, b = role
+        if device.type == "cuda":  # NCCL: the Work's kernel time, not our syncs
+            work = dist.isend(tensor, b) if me == a else dist.irecv(tensor, a)
+            work.wait()
+            return work
         if me == a:
             dist.send(tensor, b)
         else:
@@ -123,8 +167,7 @@ def probe_p2p(pairs: list[tuple[int, int]], nbytes: int, device,
             return one_way()
         time.sleep(READY_DELAY_S)
         issued = time.perf_counter()
-        one_way()
-        return issued
+        return issued, one_way()
 
     spans = _spans(late_receive if role and ready else one_way if role else (lambda: None),
                    device, iterations)

@@ -1,7 +1,8 @@
 """Peak memory of this rank over a region.
 
 CUDA: the caching allocator's own counters (`max_memory_allocated`, plus what it reserved
-from the driver), exact, reset at `reset()`.
+from the driver), exact, reset at `reset()`; beside them what the whole device holds
+(`device_used_bytes`), since NCCL's buffers are outside the allocator.
 CPU: there is no allocator counter, so we report the process's resident set size (RSS),
 which also counts the interpreter, libraries and model weights. `ru_maxrss` alone is the
 peak over the process's whole life (model loading usually dominates it), so a thread samples
@@ -80,6 +81,15 @@ class MemoryTracker:
         if self.kind == "cuda_allocated":
             return torch.cuda.max_memory_reserved(self.device)
         return None
+
+    def device_used_bytes(self) -> int | None:
+        """What the whole CUDA device holds now (total - free, torch.cuda.mem_get_info):
+        also NCCL's buffers, the CUDA context and other processes, which the allocator's
+        counters miss; None on CPU."""
+        if self.kind != "cuda_allocated":
+            return None
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
