@@ -224,3 +224,37 @@ def test_an_unpipelined_rows_compute_is_its_timed_steps_median_less_collectives(
     timed = [0.020, 0.009, 0.008, 0.030, 0.0085]  # a descheduled step does not move it
     assert rank_step_compute_s({"decode_steps": 3}, phase, timed) == pytest.approx(0.009 - 0.005)
     assert rank_step_compute_s({"decode_steps": 3}, phase, []) == 0.010
+
+
+def test_bench_pairs_each_real_row_with_its_emulation(both):
+    from gptbench.benchemulate import compare_rows, summary
+
+    records, out = both
+    rows = {r["run_id"]: r for r in compare_rows(str(out / "runs"))}
+    assert set(rows) == set(RUNS)
+    real, emu = records["tp2"]
+    assert rows["tp2"]["measured_over_emulated"] == pytest.approx(
+        real["metrics"]["tpot_ms"]["p50"] / emu["metrics"]["predicted"]["tpot_ms"])
+    assert rows["tp2"]["band"] == [0.9, 1.1] and rows["full"]["band"] == [0.75, 1.25]
+    counted = summary(list(rows.values()))
+    assert counted["1-2 ranks"]["rows"] == 3
+    assert sum(v["rows"] for v in counted.values()) == len(RUNS)
+
+
+def test_a_comm_file_with_in_step_entries_prices_tensor_all_reduces_with_them(tmp_path):
+    from gptbench import stepcomm
+
+    def entry(op, us):
+        return {"op": op, "group_size": 2, "concurrent_groups": 1, "bytes": 1024,
+                "latency_us": us, "iterations": 20, "world_size": 2}
+
+    path = tmp_path / "comm.json"
+    base = {"schema": "gptbench.comm/1", "backend": "gloo", "measured_at": "now",
+            "entries": [entry("all_reduce", 100.0), entry("p2p", 50.0)]}
+    path.write_text(json.dumps(base))
+    lookup, _ = predict.latency_from(comm_file=str(path))
+    assert lookup("all_reduce", 2, 1024) == pytest.approx(100.0)
+    path.write_text(json.dumps({**base, "entries": base["entries"] + [entry(stepcomm.OP, 900.0)]}))
+    lookup, source = predict.latency_from(comm_file=str(path))
+    assert lookup("all_reduce", 2, 1024) == pytest.approx(900.0) and "in_step" in source
+    assert lookup("p2p", 2, 1024) == pytest.approx(50.0)
