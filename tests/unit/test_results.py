@@ -250,7 +250,7 @@ def test_the_record_module_depends_on_no_reader():
     # the writer's side: figures (breakdown, bubble) and parity aggregate what ranks measured
     assert imported <= {"__future__", "datetime", "json", "math", "os", "tempfile", "pathlib",
                         "gptbench.errors", "gptbench.stats", "gptbench.figures",
-                        "gptbench.parity"}, imported
+                        "gptbench.parity", "gptbench.config"}, imported
 
 
 
