@@ -13,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # One row of the GPU suite each: bench-2gpu-dp ... bench-4gpu-full (suite ids 2gpu-dp ...).
 GPU_ROWS := $(foreach n,2 4,$(foreach s,dp tp pp full,bench-$(n)gpu-$(s)))
 
-.PHONY: install test test-multinode demo report bench-cpu bench-1gpu bench-all gpu-check gpu-wheels diagnose clean \
+.PHONY: install lint test test-fast test-multinode demo report bench-cpu bench-1gpu bench-all gpu-check gpu-wheels diagnose clean \
         bench-emulate bench-emulate-cpu \
         $(GPU_ROWS)
 
@@ -31,8 +31,16 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	$(PIP) install -c constraints.txt -e ".[test]"
 	@touch $@
 
-test: install
+# pyflakes, import order, bugbear and syntax errors (pyproject.toml's [tool.ruff]).
+lint: install
+	$(PY) -m ruff check gptbench tests launch
+
+test: lint
 	$(PY) -m pytest -q --durations=15 tests
+
+# The unit tier (tests/unit/: one process, no launch, no compilation): under a minute on 2 cores.
+test-fast: install
+	$(PY) -m pytest -q --durations=5 tests/unit
 
 # DeepSpeed's multi-node launcher on two loopback "hosts" of this machine (its own sshd on
 # 127.0.0.1/127.0.0.2, throw-away keys; installs openssh-server and pdsh when missing).

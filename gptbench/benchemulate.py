@@ -2,8 +2,9 @@
 measured. For every ok row of the demo suite (deepspeed_configs/demo-cpu.yaml: tiny GPT-2,
 gloo, one thread per rank), the real multi-process run beside its emulated prediction
 (`suite --emulate`, latencies from this machine's `gptbench diagnose --comm` on gloo, one
-thread per rank), written as `measured_over_emulated` (TPOT p50 and TTFT p50) per row in
-`<output_dir>/bench.json`, with the run's own prediction's ratio beside it.
+thread per rank, plus its all-reduces after compute: gptbench/stepcomm.py), written as `measured_over_emulated` (TPOT p50 and TTFT p50) per row in
+`<output_dir>/bench.json`, with the run's own prediction's ratio beside it. Each row's real
+run is followed at once by its emulation (one child process per row).
 
 Targets (issue: predictions within 10 %): 1- and 2-rank rows within [0.9, 1.1]; 4-rank rows
 on a 2-core machine within [0.75, 1.25] or labelled out of the model's scope (the emulation
@@ -72,27 +73,47 @@ def summary(rows: list[dict]) -> dict:
             "4 ranks out of scope": count(lambda r: r["ranks"] > 2 and not r["in_scope"])}
 
 
+def _pair(suite, r, suite_dir: str, comm: str, real: bool) -> None:
+    """Row `r`'s real run (unless reused), then at once its emulation: side by side in time,
+    so a shared machine's load drifts as little as it can between the two."""
+    from gptbench import launcher
+
+    if real:
+        record = launcher.run(suite.base, list(r.overrides), ranks=r.ranks,
+                              log_path=os.path.join(suite_dir, "logs", f"{r.run_id}.log"),
+                              check_fault_rank=False)
+        print(f"{r.run_id}: real {record['status']}", flush=True)
+    subprocess.run([sys.executable, "-m", "gptbench.emulate", "--suite", SUITE, "--output-dir",
+                    suite_dir, f"--only={r.run_id}", f"--comm-file={comm}"], check=False)
+
+
 def main(output_dir: str = "reports/bench-emulate-cpu", real_dir: str | None = None) -> int:
+    from gptbench.suite import check, load_suite
+
     os.makedirs(output_dir, exist_ok=True)
     suite_dir = real_dir or os.path.join(output_dir, "suite")
     comm = os.path.join(output_dir, "comm.json")
-    steps = [("diagnose", ["diagnose", "--comm", "--comm-ranks", "2,4", "--comm-threads", "1",
-                           "--out", comm])]
-    if real_dir is None:
-        steps.append(("real runs", ["suite", SUITE, "--output-dir", suite_dir]))
-    steps.append(("emulated", ["suite", SUITE, "--emulate", "--comm-file", comm,
-                               "--output-dir", suite_dir]))
-    for name, args in steps:
-        code = _cli(*args)
-        if code == 2:
-            return 2
-        if code != 0:
-            print(f"gptbench bench-emulate-cpu: {name} exited {code}; comparing what there is",
-                  file=sys.stderr)
+    suite = load_suite(SUITE, suite_dir)
+    check(suite, SUITE)
+    os.makedirs(os.path.join(suite_dir, "logs"), exist_ok=True)
+    code = (_cli("diagnose", "--comm", "--comm-ranks", "2,4", "--comm-threads", "1", "--out", comm)
+            if not (real_dir and os.path.exists(comm)) else 0)
+    if code != 0:
+        return code
+    from gptbench import stepcomm
+
+    stepcomm.add_to(comm)  # all-reduces after compute, as a step makes them
+    for r in suite.runs:
+        _pair(suite, r, suite_dir, comm, real=real_dir is None)
+    from gptbench.report.render import render_report
+
+    render_report(suite_dir, title=suite.title)
     rows = compare_rows(os.path.join(suite_dir, "runs"))
     bench = {"schema": "gptbench.bench-emulate/1", "suite": SUITE, "suite_dir": suite_dir,
              "comm_file": comm, "bands": BANDS, "rows": rows, "summary": summary(rows),
-             "note": "the machine may be shared: both sides were timed under its load"}
+             "load_average": list(os.getloadavg()),
+             "note": "each row's real run, then at once its emulation; the machine may be "
+                     "shared: both sides were timed under its load (load_average at the end)"}
     path = os.path.join(output_dir, "bench.json")
     results.write_json_atomic(path, bench)
     for r in rows:

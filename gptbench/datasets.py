@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 from gptbench import limits
 from gptbench.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: the functions import torch, so this module loads without it
+    import torch
 
 PROMPT_KEYS = ("prompt", "text")
 

@@ -19,7 +19,7 @@ import shutil
 import pynvml
 import torch
 
-from gptbench.envinfo import package_version, nccl_version
+from gptbench.envinfo import nccl_version, package_version
 from gptbench.errors import UserError
 from gptbench.trackers.gpu_util import no_nvml_reason, nvml_handle, physical_gpu_id
 
@@ -242,9 +242,7 @@ def main(a) -> int:
         text, code = diagnose(hostfile=a.hostfile)
         print(text.rstrip("\n"))
         return code
-    from gptbench import diagnose_comm, results
-
-    from gptbench import limits
+    from gptbench import diagnose_comm, limits, results
 
     worlds = tuple(limits.ascii_int(x.strip()) for x in a.comm_ranks.split(","))
     if None in worlds:

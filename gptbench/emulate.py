@@ -214,11 +214,8 @@ def build_role(plan, role: Role):
 def warm_up(gen, plan, ids) -> None:
     """Compile every shape the timing will see, untimed (worker.compile_warmup's rule: each
     shape WARMUP_CALLS times); a pipeline stage compiles on its own (Stage.precompile)."""
-    from gptbench import runner
-    from gptbench.compiled import WARMUP_CALLS
-
-    from gptbench import worker
-    from gptbench.compiled import compiling
+    from gptbench import runner, worker
+    from gptbench.compiled import WARMUP_CALLS, compiling
 
     if plan.compile_mode == "off":
         return

@@ -6,7 +6,8 @@ on CPU). Checked: no graph break, the all-reduce inside the generated code (a fu
 collective, not a break around a Python call), and on CUDA no CUDA-graph skip.
 
 `python -m gptbench.emulate_proof --device cuda` is what `make gpu-check` runs (GPT-2 XL
-fp16: 13 of 25 heads on the shard); tests/test_emulate.py runs `prove` on the tiny model.
+fp16: 13 of 25 heads on the shard); tests/integration/test_emulate.py runs `prove` on the tiny
+model.
 """
 from __future__ import annotations
 

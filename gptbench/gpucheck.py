@@ -159,7 +159,6 @@ def not_run(row: Row, reason: str) -> dict:
 
 def run_row(row: Row, output_dir: str, deadline: float) -> dict:
     from gptbench import launcher
-
     from gptbench.errors import UserError
 
     left = deadline - time.monotonic()

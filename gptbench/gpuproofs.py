@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-
 from dataclasses import dataclass
 
 import torch
@@ -177,7 +176,7 @@ def two_stage_schedule(device: torch.device, d: int, mb: int, m: int, steps: int
     tokens = [[] for _ in range(m)]
     marks = [[] for _ in range(m)]
     back = [None] * m  # the event after which micro-batch k's token is in stage 0's buffer
-    for step in range(steps):
+    for _ in range(steps):
         for k in range(m):
             with clock.on(s0):
                 if back[k] is not None:

@@ -15,10 +15,19 @@ import json
 import math
 from dataclasses import dataclass
 
-from gptbench.errors import NotApplicable, UserError
 from gptbench import limits, sharding
-from gptbench.roofline import (DEVICES, GiB, ModelDims, custom_device, dtype_bytes,
-                               gpt2_params, layout_bound_s, match_device, predict_tpot)
+from gptbench.errors import NotApplicable, UserError
+from gptbench.roofline import (
+    DEVICES,
+    GiB,
+    ModelDims,
+    custom_device,
+    dtype_bytes,
+    gpt2_params,
+    layout_bound_s,
+    match_device,
+    predict_tpot,
+)
 from gptbench.topology import applicable_grids, check_schedule, micro_batches
 
 GPT2_VOCAB_SIZE = 50257  # transformers.GPT2Config defaults, shared by all hub GPT-2 sizes

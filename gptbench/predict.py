@@ -31,7 +31,18 @@ def latency_from(comm_file: str | None = None, interconnect: str | None = None):
     if comm_file:
         from gptbench.plan import latency_table
 
-        lookup, source = latency_table(None, comm_file)
+        lookup, source = latency_table(None, comm_file)  # checks the file: bad input exit 2
+        import json
+
+        from gptbench import stepcomm
+        from gptbench.trackers.latency import LatencyTable
+
+        with open(comm_file, encoding="utf-8") as f:
+            entries = json.load(f)["entries"]
+        if any(e["op"] == stepcomm.OP for e in entries):
+            lookup = LatencyTable(stepcomm.in_step_entries(entries)).lookup_us
+            source += ("; tensor all-reduces at the file's all_reduce_in_step entries (after "
+                       "compute, as a step makes them: gptbench/stepcomm.py)")
         return lookup, source  # LatencyTable.lookup_us: takes world_size= too
     if interconnect:
         from gptbench.interconnect import profile

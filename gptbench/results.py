@@ -78,8 +78,9 @@ def run_path(output_dir: str, run_id: str) -> str:
 
 
 def default_run_id(strategy: str, world_size: int, tp: int, pp: int) -> str:
-    short = {"pure_data_parallel": "dp", "tensor_data_hybrid": "tp",
-             "pipeline_data_hybrid": "pp", "full_model_parallel": "full"}[strategy]
+    from gptbench.config import ALIASES
+
+    short = {name: alias for alias, name in ALIASES.items()}[strategy]
     return f"{world_size}r-{short}-tp{tp}-pp{pp}"
 
 

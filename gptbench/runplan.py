@@ -16,9 +16,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from gptbench import topology
 from gptbench.config import RunConfig
 from gptbench.errors import UserError
-from gptbench import topology
 from gptbench.topology import Grid, check_against_model, make_grid, micro_batches
 
 DTYPES = ("float32", "bfloat16", "float16")  # the torch dtypes of workload.dtype

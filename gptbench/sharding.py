@@ -263,9 +263,9 @@ class Layout:
 
     def collectives(self, tokens: int = 1) -> list[Collective]:
         """Communication of one decode step of this replica (DeepSpeed 0.19.8's call sites,
-        trackers/comm.py; counted on real runs in tests/test_breakdown.py); of the prefill
-        with `tokens` = input_len (hidden states of every position; the logits stay one
-        position: logits_to_keep=1)."""
+        trackers/comm.py; counted on real runs in tests/integration/test_breakdown.py); of the
+        prefill with `tokens` = input_len (hidden states of every position; the logits stay
+        one position: logits_to_keep=1)."""
         model, m = self.model, self.micro_batches
         mb = self.batch_size // m
         out = []

@@ -19,8 +19,14 @@ import traceback
 import torch
 
 from gptbench import faults, multinode, parity, progress, results
-from gptbench.compiled import (CapturedCode, CompileStats, InductorOptions, compiling,
-                               decode_graph, measuring)
+from gptbench.compiled import (
+    CapturedCode,
+    CompileStats,
+    InductorOptions,
+    compiling,
+    decode_graph,
+    measuring,
+)
 from gptbench.config import RunConfig, load_config
 from gptbench.errors import NotApplicable, UserError
 from gptbench.progress import ROW_MARKER
@@ -166,10 +172,10 @@ def compile_warmup(gen, plan: RunPlan, batches, probe) -> dict:
     """Compile every shape the measured region will see, untimed: the workload's batch and
     the parity probe, prefill and decode, each called often enough for CUDA graphs to be
     recorded and replayed (compiled.WARMUP_CALLS). Returns torch's compile counters."""
+    from torch._dynamo.utils import counters
+
     from gptbench import runner
     from gptbench.compiled import WARMUP_CALLS, snapshot
-
-    from torch._dynamo.utils import counters
 
     start = snapshot()
     skips = counters["inductor"]["cudagraph_skips"]  # graphs inductor left uncaptured

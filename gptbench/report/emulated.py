@@ -2,7 +2,7 @@
 measured ones: their own table and chart, never in speedups, findings or the recommendation.
 Pure functions of the records; every number is formatted here."""
 
-from gptbench.report.charts import label_configurations, legend_outside, new_figure
+from gptbench.report.charts import label_configurations, new_figure
 from gptbench.results import value_at
 
 MISSING = "—"

@@ -5,10 +5,12 @@ derived against the folder's baseline (`scaling.derive`), in reading order."""
 from pathlib import Path
 
 from gptbench import results, scaling
+from gptbench.config import STRATEGIES
 from gptbench.results import value_at
 
-# The order configurations are read in: more ranks last, simplest strategy first.
-STRATEGY_ORDER = ("pure_data_parallel", "tensor_data_hybrid", "pipeline_data_hybrid", "full_model_parallel")
+# The order configurations are read in: more ranks last, simplest strategy first (the
+# config's own order of strategies).
+STRATEGY_ORDER = STRATEGIES
 
 
 def load_runs(suite_dir) -> tuple[list[dict], list[tuple[Path, str]]]:

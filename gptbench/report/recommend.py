@@ -3,8 +3,13 @@ configuration with the highest throughput among the finished runs whose parity h
 much it beats the next best, and why the others lose, in one line from their time breakdown
 (`metrics.time_breakdown`: shares of one profiled batch taken after the timed ones)."""
 
-from gptbench.report.findings import (breakdown_text, cpu_oversubscribed, oversubscription_text,
-                                      parity_failures, with_throughput)
+from gptbench.report.findings import (
+    breakdown_text,
+    cpu_oversubscribed,
+    oversubscription_text,
+    parity_failures,
+    with_throughput,
+)
 from gptbench.results import value_at
 
 INTRO = ("For each number of ranks, the fastest configuration measured here (tokens/s, all "

@@ -12,10 +12,10 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 
 from gptbench.report.charts import CHARTS, byte_unit, chart_pngs
 from gptbench.report.findings import findings
+from gptbench.report.load import load_runs
 from gptbench.report.recommend import INTRO as RECOMMENDATION_INTRO
 from gptbench.report.recommend import recommendations
 from gptbench.report.recommend import table as recommendation_table
-from gptbench.report.load import load_runs
 from gptbench.results import value_at, write_atomic
 
 MISSING = "—"  # what any null renders as; the record's null_reasons say why (notes section)

@@ -332,8 +332,10 @@ class FlushGenerator:
 
 
 def _topology(grid, choice: str):
-    from deepspeed.runtime.pipe.topology import (PipeDataParallelTopology,
-                                                 PipeModelDataParallelTopology)
+    from deepspeed.runtime.pipe.topology import (
+        PipeDataParallelTopology,
+        PipeModelDataParallelTopology,
+    )
 
     if grid.tp > 1 or choice == "PipeModelDataParallelTopology":
         return PipeModelDataParallelTopology(num_pp=grid.pp, num_mp=grid.tp, num_dp=grid.dp)

@@ -10,11 +10,11 @@ Without an NVIDIA driver (CPU runs) the result is None with the reason, never an
 """
 
 import os
-import threading
 
 import pynvml
 
 from gptbench.errors import UserError
+from gptbench.trackers.sampler import PeriodicSampler
 
 
 def nvml_gpu_count() -> int:
@@ -117,8 +117,7 @@ class GpuUtilSampler:
         self.samples_pct: list[int] = []
         self.reason: str | None = None
         self._handle = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._sampler = PeriodicSampler(self._read, interval_s, "gptbench-nvml")
 
     @property
     def sample_count(self) -> int:
@@ -143,20 +142,13 @@ class GpuUtilSampler:
             self.reason = f"cannot read utilisation of GPU {self.device_index}: {error}"
             pynvml.nvmlShutdown()
             return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, name="gptbench-nvml", daemon=True)
-        self._thread.start()
+        self._sampler.start()
 
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
-        # The counter covers the last NVML period, so one read at stop sees the window's end
-        # even when the window is shorter than interval_s.
-        self._read()
-        pynvml.nvmlShutdown()
+        # The counter covers the last NVML period, so the sampler's read at stop sees the
+        # window's end even when the window is shorter than interval_s.
+        if self._sampler.stop():
+            pynvml.nvmlShutdown()
 
     def result(self) -> tuple[float | None, str | None]:
         if self.reason is not None:
@@ -171,10 +163,6 @@ class GpuUtilSampler:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._read()
 
     def _read(self) -> None:
         try:

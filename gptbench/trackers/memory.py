@@ -13,10 +13,11 @@ that does not set a new lifetime peak can be missed.
 
 import resource
 import sys
-import threading
 
 import psutil
 import torch
+
+from gptbench.trackers.sampler import PeriodicSampler
 
 # Linux reports ru_maxrss in KiB, macOS in bytes (getrusage(2) on each).
 _RU_MAXRSS_UNIT_BYTES = 1 if sys.platform == "darwin" else 1024
@@ -38,8 +39,7 @@ class MemoryTracker:
         self._sampled_peak_bytes = 0
         self._lifetime_peak_at_reset_bytes = 0
         self._lifetime_peak_at_stop_bytes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._sampler = PeriodicSampler(self._record_sample, interval_s, "gptbench-rss")
 
     def reset(self) -> None:
         if self.kind == "cuda_allocated":
@@ -52,25 +52,18 @@ class MemoryTracker:
         self._sampled_peak_bytes = self.baseline_bytes
         self._lifetime_peak_at_reset_bytes = _lifetime_peak_rss_bytes()
         self._lifetime_peak_at_stop_bytes = self._lifetime_peak_at_reset_bytes
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, name="gptbench-rss", daemon=True)
-        self._thread.start()
+        self._sampler.start()
 
     def stop(self) -> None:
         """End the window (CPU); a no-op on CUDA, whose counters keep their peak."""
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
-        self._record_sample()
-        self._lifetime_peak_at_stop_bytes = _lifetime_peak_rss_bytes()
+        if self._sampler.stop():
+            self._lifetime_peak_at_stop_bytes = _lifetime_peak_rss_bytes()
 
     def peak_bytes(self) -> int:
         """Highest memory in the window, in bytes; on CPU this ends the window if still open."""
         if self.kind == "cuda_allocated":
             return torch.cuda.max_memory_allocated(self.device)
-        if self._thread is not None:
+        if self._sampler.running:
             self.stop()
         if self._lifetime_peak_at_stop_bytes > self._lifetime_peak_at_reset_bytes:
             return max(self._sampled_peak_bytes, self._lifetime_peak_at_stop_bytes)
@@ -90,10 +83,6 @@ class MemoryTracker:
             return None
         free, total = torch.cuda.mem_get_info(self.device)
         return total - free
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._record_sample()
 
     def _record_sample(self) -> None:
         self._sampled_peak_bytes = max(self._sampled_peak_bytes, self._process.memory_info().rss)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test-multinode`: DeepSpeed's multi-node launcher (pdsh over ssh, one per-node launcher
 # per host) on two "hosts" of this one machine, 127.0.0.1 and 127.0.0.2, then
-# tests/test_multinode.py against them. The steps are the ones README "Several machines"
+# tests/integration/test_multinode.py against them. The steps are the ones README "Several machines"
 # gives for two real servers; here the server is an sshd of our own that listens on those
 # two loopback addresses only, with throw-away keys, and is stopped (with everything it
 # started) on exit.
@@ -135,4 +135,4 @@ echo "test-multinode: sshd $GPTBENCH_MULTINODE_SSHD_PID on 127.0.0.1:$PORT and 1
 pdsh -S -w 127.0.0.1,127.0.0.2 'echo reached over ssh: $SSH_CONNECTION'
 
 # 4. The runs.
-"$PY" -m pytest -q -s -p no:cacheprovider tests/test_multinode.py "$@"
+"$PY" -m pytest -q -s -p no:cacheprovider tests/integration/test_multinode.py "$@"
