@@ -309,7 +309,7 @@ def run_rows(config_path: str | None, rows: list[Row], ranks: int, env: dict | N
             break
         told = set()  # rows already reported while their launch went on
 
-        def ended(row: Row, p: Prepared, r: dict) -> None:
+        def ended(row: Row, p: Prepared, r: dict, told=told, after=after) -> None:
             told.add(row.run_id)
             record(p, r)
             for _, na in after.get(row.run_id, []):

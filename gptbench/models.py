@@ -12,7 +12,12 @@ from torch import nn
 
 from gptbench.errors import UserError
 from gptbench.modelspec import (  # noqa: F401 - known here too, as before
-    ARCHITECTURES, PRESETS, WEIGHT_FILES, check_checkpoint, names_a_folder)
+    ARCHITECTURES,
+    PRESETS,
+    WEIGHT_FILES,
+    check_checkpoint,
+    names_a_folder,
+)
 
 
 def gpt2_config(name: str, preset: str | None, tie_embeddings: bool = True):
