@@ -248,13 +248,12 @@ def _compile_rank(index: int, preset: str | None, name: str, mode: str, backend:
     try:
         from gptbench import compiled
         from gptbench.models import load_model
-        from gptbench.runplan import DTYPES
         from gptbench.strategies.base import StepLM
 
         device = torch.device(device_name)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dtype = DTYPES["float16" if device.type == "cuda" else "float32"]
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
         started = time.perf_counter()
         model = load_model(name, "random", preset, dtype, device)
         load_s = time.perf_counter() - started
